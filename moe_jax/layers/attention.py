@@ -1,0 +1,112 @@
+"""T5 multi-head attention, relative position bias and attention masks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.layers.dense import default_kernel_init
+
+_NEG_INF = -1e10
+
+
+def attention_mask(q_valid_BL, kv_valid_BM, *, causal: bool = False, q_segment_BL=None,
+                   kv_segment_BM=None):
+  """Bool mask [B, 1, L, M]: both tokens real, same packed segment, and (causal) key <= query."""
+  mask = q_valid_BL[:, None, :, None] & kv_valid_BM[:, None, None, :]
+  if q_segment_BL is not None:
+    mask &= q_segment_BL[:, None, :, None] == kv_segment_BM[:, None, None, :]
+  if causal:
+    length, mem = q_valid_BL.shape[1], kv_valid_BM.shape[1]
+    mask &= jnp.arange(mem)[None, :] <= jnp.arange(length)[:, None]
+  return mask
+
+
+def mask_to_bias(mask_B1LM, dtype=jnp.float32):
+  return jnp.where(mask_B1LM, 0.0, _NEG_INF).astype(dtype)
+
+
+def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+  """T5's bucketing of (key - query) offsets (Raffel et al. 2020, sec. 2.1).
+
+  Half the buckets hold exact small distances; the rest grow logarithmically up to
+  max_distance, beyond which all offsets share the last bucket. Bidirectional bucketing spends
+  half of the buckets on keys after the query; causal bucketing treats those as distance 0.
+  """
+  distance = -relative_position
+  bucket = 0
+  if bidirectional:
+    num_buckets //= 2
+    bucket = (distance < 0).astype(np.int32) * num_buckets
+    distance = np.abs(distance)
+  else:
+    distance = np.maximum(distance, 0)
+  max_exact = num_buckets // 2
+  log_ratio = np.log(np.maximum(distance, 1) / max_exact) / np.log(max_distance / max_exact)
+  large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(np.int32)
+  large = np.minimum(large, num_buckets - 1)
+  return bucket + np.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias of each relative-position bucket (param `rel_embedding` [N, buckets])."""
+  num_heads: int
+  bidirectional: bool
+  num_buckets: int = 32
+  max_distance: int = 128
+  dtype: Any = jnp.float32
+  embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int):
+    relative = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+    buckets_LM = relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                          num_buckets=self.num_buckets,
+                                          max_distance=self.max_distance)
+    table_NK = self.param(
+        "rel_embedding",
+        nn.with_logical_partitioning(self.embedding_init, ("heads", "relpos_buckets")),
+        (self.num_heads, self.num_buckets), jnp.float32)
+    return table_NK[:, buckets_LM][None].astype(self.dtype)  # [1, N, L, M]
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """T5 attention: no 1/sqrt(H) in the logits, folded into the query init instead."""
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  float32_logits: bool = True
+  kernel_init: Any = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x_q_BLD, x_kv_BMD, bias_BNLM, deterministic: bool = True):
+    def query_init(key, shape, dtype=jnp.float32):
+      return self.kernel_init(key, shape, dtype) / np.sqrt(self.head_dim).astype(dtype)
+
+    def projection(name, init):
+      return nn.DenseGeneral(
+          (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")), name=name)
+
+    q_BLNH = projection("query", query_init)(x_q_BLD)
+    k_BMNH = projection("key", self.kernel_init)(x_kv_BMD)
+    v_BMNH = projection("value", self.kernel_init)(x_kv_BMD)
+    q_BLNH = nn.with_logical_constraint(q_BLNH, ("batch", "length", "heads", "kv"))
+    if self.float32_logits:
+      q_BLNH, k_BMNH = q_BLNH.astype(jnp.float32), k_BMNH.astype(jnp.float32)
+    logits_BNLM = jnp.einsum("BLNH,BMNH->BNLM", q_BLNH, k_BMNH) + bias_BNLM.astype(q_BLNH.dtype)
+    weights_BNLM = jax.nn.softmax(logits_BNLM, axis=-1).astype(self.dtype)
+    weights_BNLM = nn.Dropout(self.dropout_rate)(weights_BNLM, deterministic=deterministic)
+    out_BLNH = jnp.einsum("BNLM,BMNH->BLNH", weights_BNLM, v_BMNH)
+    return nn.DenseGeneral(
+        x_q_BLD.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+        name="out")(out_BLNH)

@@ -1,0 +1,109 @@
+"""MoeLayer: group tokens -> route -> dispatch -> experts -> combine (GShard / Switch / flaxformer).
+
+x_BLD -> x_GSD (G groups of S <= max_group_size tokens) -> RouterOutput (buffers [G, E, C])
+-> x_EGCD (sharded on 'expert': the all-to-all) -> experts -> y_GSD -> y_BLD.
+
+Aux losses and routing metrics leave the layer through ONE mechanism: the layer sows its
+`RouterStats` into the `MOE_STATS` collection; `moe_jax.objectives.moe_losses_and_metrics`
+reduces that collection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers import dispatch as dispatch_lib
+from moe_jax.layers import routing
+from moe_jax.layers.experts import ExpertMlp
+
+MOE_STATS = "moe_stats"
+
+
+def num_groups(num_tokens: int, max_group_size: int, multiple: int = 1) -> int:
+  """Fewest groups G, a multiple of `multiple` dividing num_tokens, with num_tokens / G <= max."""
+  if num_tokens % multiple:
+    multiple = 1  # cannot align groups with batch shards; routing stays correct, only slower
+  groups = multiple * math.ceil(math.ceil(num_tokens / max_group_size) / multiple)
+  while num_tokens % groups:
+    groups += multiple
+  return groups
+
+
+def _batch_shards() -> int:
+  """Devices the batch is split over in the current mesh (groups must not straddle them)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape.get(axis, 1) for axis in ("data", "expert"))
+
+
+@gin.configurable(module="moe_jax.layers.moe")
+class MoeLayer(nn.Module):
+  """Sparse MoE feed-forward layer; a drop-in for `MlpBlock` (same call signature).
+
+  Capacity per expert per group comes from `routing.expert_capacity` with
+  `train_capacity_factor` when `deterministic=False` and `eval_capacity_factor` otherwise.
+  """
+  num_experts: int = 8
+  router: routing.Router = routing.SwitchRouter()
+  expert: ExpertMlp = ExpertMlp()
+  max_group_size: int = 4096
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_expert_capacity: int = 4
+  dispatch: str = "einsum"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.num_experts < 1:
+      raise ValueError(f"MoeLayer.num_experts must be >= 1, got {self.num_experts}")
+    for name in ("train_capacity_factor", "eval_capacity_factor"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"MoeLayer.{name} must be > 0, got {getattr(self, name)}")
+    if self.max_group_size < 1:
+      raise ValueError(f"MoeLayer.max_group_size must be >= 1, got {self.max_group_size}")
+    if self.min_expert_capacity < 0:
+      raise ValueError(f"MoeLayer.min_expert_capacity must be >= 0, got {self.min_expert_capacity}")
+    if self.dispatch not in dispatch_lib.BACKENDS:
+      raise ValueError(f"MoeLayer.dispatch must be one of {sorted(dispatch_lib.BACKENDS)}, "
+                       f"got {self.dispatch!r}")
+    if self.router.k > self.num_experts:
+      raise ValueError(f"{type(self.router).__name__}.k={self.router.k} exceeds "
+                       f"MoeLayer.num_experts={self.num_experts}")
+    super().__post_init__()
+
+  def capacity(self, group_size: int, deterministic: bool) -> int:
+    factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
+    return routing.expert_capacity(group_size, self.num_experts, self.router.k, factor,
+                                   self.min_expert_capacity)
+
+  @nn.compact
+  def __call__(self, x_BLD, padding_mask_BL=None, deterministic: bool = True):
+    batch, length, d_model = x_BLD.shape
+    groups = num_groups(batch * length, self.max_group_size, _batch_shards())
+    group_size = batch * length // groups
+    x_GSD = nn.with_logical_constraint(x_BLD.reshape(groups, group_size, d_model),
+                                       ("batch", "unmodeled", "embed"))
+    mask_GS = None if padding_mask_BL is None else padding_mask_BL.reshape(groups, group_size)
+
+    routes = self.router(x_GSD, num_experts=self.num_experts,
+                         capacity=self.capacity(group_size, deterministic),
+                         padding_mask_GS=mask_GS, deterministic=deterministic)
+    self.sow(MOE_STATS, "router_stats", routes.stats)
+
+    dispatch, combine = dispatch_lib.BACKENDS[self.dispatch]
+    x_EGCD = dispatch(x_GSD.astype(self.dtype), routes)
+    # All-to-all: groups move from ('data', 'expert') shards to 'data' only, experts onto 'expert'.
+    x_EGCD = nn.with_logical_constraint(x_EGCD, ("expert", "expert_group", "unmodeled", "embed"))
+    y_EGCD = self.expert(x_EGCD, deterministic=deterministic)
+    y_EGCD = nn.with_logical_constraint(y_EGCD, ("expert", "expert_group", "unmodeled", "embed"))
+    # All-to-all back: experts leave 'expert', groups return to the batch shards.
+    y_GSD = nn.with_logical_constraint(combine(y_EGCD, routes, group_size),
+                                       ("batch", "unmodeled", "embed"))
+    return y_GSD.reshape(batch, length, d_model).astype(x_BLD.dtype)

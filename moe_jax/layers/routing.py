@@ -1,0 +1,287 @@
+"""Routers: which tokens go to which experts, with what weight, plus aux losses and metrics.
+
+Every router maps the tokens of each group, `x_GSD`, to ONE output type, `RouterOutput`, in
+*buffer* form: for each group g, expert e and capacity slot c, which token of the group fills
+the slot and with what combine weight. Tokens-choose routers (Switch, top-k) fill the buffer in
+priority order until an expert is full; expert-choice routers fill it directly. Every dispatch
+backend (`moe_jax.layers.dispatch`) consumes that one type.
+
+Router math is float32 whatever the model dtype ("selective precision", Fedus et al. 2021).
+
+Expert capacity, the ONE formula (`expert_capacity`):
+
+    C = min(S, max(min_expert_capacity, ceil(capacity_factor * k * S / E)))
+
+k is the number of experts each token picks (1 for Switch and expert-choice, whose capacity
+factor is the average number of experts per token). No expert can hold more than the S tokens of
+a group, hence the cap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+# The rng stream of all router randomness (jitter, the GShard random second-expert policy).
+ROUTING_RNG = "routing"
+
+_SECOND_EXPERT_POLICIES = ("all", "random")
+
+
+@struct.dataclass
+class RouterStats:
+  """Per-layer aux losses and routing metrics (scalars, float32, averaged over groups).
+
+  load_balancing_loss: Switch `E * sum_e f_e * P_e` (see `load_balancing_loss`).
+  z_loss: router z-loss `mean_tokens logsumexp(logits)^2` (Zoph et al. 2022).
+  fraction_dropped: fraction of (non-padding) tokens that no expert processes.
+  expert_load_E: [E] fraction of routing choices (before capacity) that go to each expert.
+  router_confidence: mean over tokens of the top-1 router probability.
+  """
+  load_balancing_loss: jax.Array
+  z_loss: jax.Array
+  fraction_dropped: jax.Array
+  expert_load_E: jax.Array
+  router_confidence: jax.Array
+
+
+@struct.dataclass
+class RouterOutput:
+  """Routing of one MoE layer in buffer form.
+
+  token_index_GEC: [G, E, C] int32, the token (index into the group's S tokens) in slot c of
+    expert e; 0 where the slot is empty.
+  combine_GEC: [G, E, C] float32, weight of that expert's output for that token; exactly 0 where
+    the slot is empty. Differentiable w.r.t. the router weights.
+  valid_GEC: [G, E, C] bool, whether the slot holds a token.
+  stats: aux losses and metrics.
+  """
+  token_index_GEC: jax.Array
+  combine_GEC: jax.Array
+  valid_GEC: jax.Array
+  stats: RouterStats
+
+
+def expert_capacity(group_size: int, num_experts: int, k: float, capacity_factor: float,
+                    min_expert_capacity: int) -> int:
+  """Slots per expert per group: min(S, max(min_expert_capacity, ceil(cf * k * S / E)))."""
+  if capacity_factor <= 0:
+    raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+  capacity = math.ceil(capacity_factor * k * group_size / num_experts)
+  return int(min(group_size, max(min_expert_capacity, capacity)))
+
+
+def _masked_mean(x, mask, axis):
+  """Mean of x over `axis` counting only mask=True entries (0 when none)."""
+  mask = jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+
+
+def load_balancing_loss(probs_GSE, expert_GSK, mask_GS):
+  """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), flaxformer's top-k form.
+
+  f_e = fraction of tokens whose k choices include expert e, P_e = mean router probability of
+  e, loss = E * sum_e f_e * P_e, averaged over groups. Perfect balance gives k (1 for top-1);
+  all tokens on one expert with probability 1 gives E. Padding tokens (mask_GS False) are ignored.
+  """
+  num_experts = probs_GSE.shape[-1]
+  chosen_GSE = jnp.max(jax.nn.one_hot(expert_GSK, num_experts, dtype=jnp.float32), axis=-2)
+  f_GE = _masked_mean(chosen_GSE, mask_GS[..., None], axis=1)
+  p_GE = _masked_mean(probs_GSE, mask_GS[..., None], axis=1)
+  return jnp.mean(jnp.sum(f_GE * p_GE, axis=-1)) * num_experts
+
+
+def router_z_loss(logits_GSE, mask_GS):
+  """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
+  lse_GS = jax.nn.logsumexp(logits_GSE, axis=-1)
+  return jnp.mean(_masked_mean(lse_GS**2, mask_GS, axis=1))
+
+
+class RouterWeights(nn.Module):
+  """Router projection D -> E, float32 (param `router_weights/w/kernel` [D, E], flaxformer's)."""
+  kernel_init: Any = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+  @nn.compact
+  def __call__(self, x_GSD, num_experts):
+    return nn.DenseGeneral(
+        num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "unmodeled")),
+        name="w")(x_GSD)
+
+
+class Router(nn.Module):
+  """Shared front half of every router: jittered float32 logits -> probabilities.
+
+  Subclasses implement `route` (the selection) and set `k` (experts per token, used by the
+  capacity formula).
+  """
+  jitter_noise: float = 0.0
+  ignore_padding_tokens: bool = True
+  batch_prioritized_routing: bool = False
+  kernel_init: Any = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+
+  k: int = 1
+
+  def __post_init__(self):
+    if self.jitter_noise < 0:
+      raise ValueError(f"{type(self).__name__}.jitter_noise must be >= 0, got {self.jitter_noise}")
+    if self.k < 1:
+      raise ValueError(f"{type(self).__name__}.k must be >= 1, got {self.k}")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x_GSD, *, num_experts: int, capacity: int, padding_mask_GS=None,
+               deterministic: bool = True) -> RouterOutput:
+    x_GSD = x_GSD.astype(jnp.float32)
+    if self.jitter_noise > 0 and not deterministic:
+      # Multiplicative jitter on the router inputs (Switch Transformer, sec. 2.4).
+      x_GSD *= jax.random.uniform(self.make_rng(ROUTING_RNG), x_GSD.shape, jnp.float32,
+                                  1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+    logits_GSE = RouterWeights(self.kernel_init, name="router_weights")(x_GSD, num_experts)
+    if padding_mask_GS is None or not self.ignore_padding_tokens:
+      mask_GS = jnp.ones(logits_GSE.shape[:2], bool)
+    else:
+      mask_GS = padding_mask_GS.astype(bool)
+    return self.route(logits_GSE, mask_GS, capacity, deterministic)
+
+  def route(self, logits_GSE, mask_GS, capacity, deterministic) -> RouterOutput:
+    raise NotImplementedError
+
+
+def _fill_buffers(expert_A, token_A, gate_A, valid_A, num_experts, capacity):
+  """Puts routing choices, given in priority order, into [E, C] expert buffers (one group).
+
+  Choice a goes to slot `position` of expert `expert_A[a]`, where position counts the earlier
+  valid choices for the same expert; choices at position >= C are dropped. Linear in the number
+  of choices up to a sort, so it serves every backend. Returns buffers and kept_A.
+  """
+  num_choices = expert_A.shape[0]
+  key_A = jnp.where(valid_A, expert_A, num_experts)  # invalid choices sort last, bucket E
+  perm = jnp.argsort(key_A, stable=True)
+  sorted_expert = key_A[perm]
+  counts = jnp.bincount(key_A, length=num_experts + 1)
+  starts = jnp.cumsum(counts) - counts
+  position = jnp.arange(num_choices) - starts[sorted_expert]
+  kept_sorted = (sorted_expert < num_experts) & (position < capacity)
+  slot = jnp.where(kept_sorted, sorted_expert * capacity + position, num_experts * capacity)
+  size = num_experts * capacity
+  scatter = lambda v: (jnp.zeros((size,), v.dtype).at[slot].set(v[perm], mode="drop")
+                       .reshape(num_experts, capacity))
+  kept_A = jnp.zeros((num_choices,), bool).at[perm].set(kept_sorted)
+  return scatter(token_A), scatter(jnp.where(valid_A, gate_A, 0.0)), scatter(kept_sorted), kept_A
+
+
+class _TokensChoose(Router):
+  """Each token picks its top-k experts; experts keep the first C choices in priority order.
+
+  Priority: all first choices outrank all second choices, and so on (GShard). Within a choice
+  rank, tokens are taken in sequence order, or by descending top-1 probability with
+  `batch_prioritized_routing` (BPR, Riquelme et al. 2021), which makes the kept set invariant to
+  token order.
+  """
+  renormalize: bool = False
+  second_expert_policy: str = "all"
+
+  def __post_init__(self):
+    if self.second_expert_policy not in _SECOND_EXPERT_POLICIES:
+      raise ValueError(f"{type(self).__name__}.second_expert_policy must be one of "
+                       f"{_SECOND_EXPERT_POLICIES}, got {self.second_expert_policy!r}")
+    super().__post_init__()
+
+  def route(self, logits_GSE, mask_GS, capacity, deterministic):
+    num_groups, group_size, num_experts = logits_GSE.shape
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    gate_GSK, expert_GSK = jax.lax.top_k(probs_GSE, self.k)
+    top1_GS = gate_GSK[..., 0]
+    if self.renormalize:  # Mixtral / DeepSeek: weights sum to 1 over the chosen k.
+      gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
+    valid_GSK = jnp.broadcast_to(mask_GS[..., None], gate_GSK.shape)
+    if self.second_expert_policy == "random" and self.k > 1 and not deterministic:
+      # GShard (Lepikhin et al. 2020): send to the 2nd expert with probability 2 * g2 / (g1 + g2).
+      g1, g2 = gate_GSK[..., 0], gate_GSK[..., 1]
+      u_GS = jax.random.uniform(self.make_rng(ROUTING_RNG), g1.shape)
+      valid_GSK = valid_GSK.at[..., 1].set(valid_GSK[..., 1] & (u_GS < 2 * g2 / (g1 + g2)))
+
+    if self.batch_prioritized_routing:
+      order_GS = jnp.argsort(-jnp.where(mask_GS, top1_GS, -1.0), axis=-1, stable=True)
+    else:
+      order_GS = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
+    # Choices in priority order, choice-major: [G, K, S] -> [G, K*S].
+    take = lambda v_GSK: jnp.take_along_axis(v_GSK, order_GS[..., None], axis=1).swapaxes(1, 2)
+    flat = lambda v_GKS: v_GKS.reshape(num_groups, -1)
+    token_GA = flat(jnp.broadcast_to(order_GS[:, None, :], (num_groups, self.k, group_size)))
+    fill = jax.vmap(_fill_buffers, in_axes=(0, 0, 0, 0, None, None))
+    token_GEC, combine_GEC, valid_GEC, kept_GA = fill(
+        flat(take(expert_GSK)), token_GA, flat(take(gate_GSK)), flat(take(valid_GSK)),
+        num_experts, capacity)
+
+    kept_GS = jnp.zeros((num_groups, group_size), bool).at[
+        jnp.arange(num_groups)[:, None], token_GA].max(kept_GA)
+    load_E = jnp.mean(_masked_mean(
+        jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=-2) / self.k, mask_GS[..., None],
+        axis=1), axis=0)
+    stats = RouterStats(
+        load_balancing_loss=load_balancing_loss(probs_GSE, expert_GSK, mask_GS),
+        z_loss=router_z_loss(logits_GSE, mask_GS),
+        fraction_dropped=jnp.mean(_masked_mean(1.0 - kept_GS, mask_GS, axis=1)),
+        expert_load_E=load_E,
+        router_confidence=jnp.mean(_masked_mean(top1_GS, mask_GS, axis=1)))
+    return RouterOutput(token_GEC, combine_GEC, valid_GEC, stats)
+
+
+@gin.configurable(module="moe_jax.layers.routing")
+class SwitchRouter(_TokensChoose):
+  """Top-1 tokens-choose routing (Switch Transformer, Fedus et al. 2021, arXiv:2101.03961)."""
+  k: int = 1
+
+  def __post_init__(self):
+    if self.k != 1:
+      raise ValueError(f"SwitchRouter.k is 1 by definition, got {self.k}; use TopKRouter")
+    super().__post_init__()
+
+
+@gin.configurable(module="moe_jax.layers.routing")
+class TopKRouter(_TokensChoose):
+  """Top-k tokens-choose routing (GShard, Lepikhin et al. 2020, arXiv:2006.16668).
+
+  `renormalize=False` keeps the raw softmax probabilities as combine weights (Switch,
+  Flaxformer); `True` renormalises them over the chosen k (Mixtral, DeepSeek).
+  `second_expert_policy="random"` is GShard's stochastic dispatch to the 2nd expert (training only).
+  """
+  k: int = 2
+
+
+@gin.configurable(module="moe_jax.layers.routing")
+class ExpertChoiceRouter(Router):
+  """Experts choose their top-C tokens (Zhou et al. 2022, arXiv:2202.09368).
+
+  Token-to-expert scores are the softmax over experts; expert e keeps the C tokens of the group
+  with the highest score and weights its output by that score. Every expert is full by
+  construction, so no balance loss is needed (it is 0). It looks at every token of a group,
+  future ones included, so it cannot route a causal decoder. Padding tokens are never chosen
+  while real tokens remain.
+  """
+
+  def route(self, logits_GSE, mask_GS, capacity, deterministic):
+    num_experts = logits_GSE.shape[-1]
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    scores_GES = jnp.where(mask_GS[..., None], probs_GSE, -1.0).swapaxes(1, 2)
+    score_GEC, token_GEC = jax.lax.top_k(scores_GES, capacity)
+    valid_GEC = score_GEC >= 0.0
+    chosen_GS = jnp.zeros(mask_GS.shape, bool).at[
+        jnp.arange(mask_GS.shape[0])[:, None, None], token_GEC].max(valid_GEC)
+    preferred_GSE = jax.nn.one_hot(jnp.argmax(probs_GSE, axis=-1), num_experts)
+    stats = RouterStats(
+        load_balancing_loss=jnp.zeros((), jnp.float32),
+        z_loss=router_z_loss(logits_GSE, mask_GS),
+        fraction_dropped=jnp.mean(_masked_mean(1.0 - chosen_GS, mask_GS, axis=1)),
+        expert_load_E=jnp.mean(_masked_mean(preferred_GSE, mask_GS[..., None], axis=1), axis=0),
+        router_confidence=jnp.mean(_masked_mean(jnp.max(probs_GSE, -1), mask_GS, axis=1)))
+    return RouterOutput(jnp.where(valid_GEC, token_GEC, 0), jnp.where(valid_GEC, score_GEC, 0.0),
+                        valid_GEC, stats)

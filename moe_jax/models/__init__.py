@@ -1,0 +1,1 @@
+"""Assembled networks built from `moe_jax.layers`."""

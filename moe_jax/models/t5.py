@@ -1,0 +1,267 @@
+"""Sparse T5 (v1.1 style): SparseEncoder, SparseDecoder and SparseEncoderDecoder.
+
+RMSNorm pre-norm residual blocks, relative position bias shared within a stack, no biases,
+gated or plain FFNs. Each layer's FFN is the dense `mlp` template or, at the layers that
+`sparse_layout` picks, the `moe` template (Switch Transformer; Fedus et al. 2021).
+`num_sparse_layers=0` is the dense T5 and never builds an MoE layer.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, Optional
+
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+
+from moe_jax.layers.attention import (MultiHeadDotProductAttention, RelativePositionBias,
+                                      attention_mask, mask_to_bias)
+from moe_jax.layers.dense import MlpBlock
+from moe_jax.layers.embedding import Embed
+from moe_jax.layers.moe import MoeLayer
+from moe_jax.layers.normalization import RMSNorm
+from moe_jax.layers.routing import ExpertChoiceRouter
+
+
+class MoeLayout(enum.Enum):
+  """Which layers of a stack are sparse (see `sparse_layer_indices`)."""
+  TOP = "top"
+  BOTTOM = "bottom"
+  MIDDLE = "middle"
+  MIXED = "mixed"
+
+
+gin.constants_from_enum(MoeLayout, module="moe_jax.models.t5")
+
+
+def sparse_layer_indices(num_layers: int, num_sparse_layers: int, layout: MoeLayout,
+                         owner: str = "stack") -> tuple[int, ...]:
+  """Indices of the sparse layers.
+
+  MIXED: every (num_layers // num_sparse_layers)-th layer, counted so the LAST layer is sparse
+  (12 layers, 3 sparse -> 3, 7, 11). TOP: the last ones; BOTTOM: the first ones; MIDDLE: centred,
+  rounding down (12, 2 -> 5, 6).
+  """
+  if not isinstance(layout, MoeLayout):
+    raise ValueError(f"{owner}.sparse_layout must be a MoeLayout ({[m.name for m in MoeLayout]}), "
+                     f"got {layout!r}")
+  if num_layers < 1:
+    raise ValueError(f"{owner}.num_layers must be >= 1, got {num_layers}")
+  if not 0 <= num_sparse_layers <= num_layers:
+    raise ValueError(f"{owner}.num_sparse_layers must be in [0, num_layers={num_layers}], "
+                     f"got {num_sparse_layers}")
+  if num_sparse_layers == 0:
+    return ()
+  if layout is MoeLayout.MIXED:
+    if num_layers % num_sparse_layers:
+      raise ValueError(f"{owner}.num_sparse_layers={num_sparse_layers} must divide "
+                       f"num_layers={num_layers} for MoeLayout.MIXED")
+    every = num_layers // num_sparse_layers
+    return tuple(range(every - 1, num_layers, every))
+  first = {MoeLayout.BOTTOM: 0, MoeLayout.TOP: num_layers - num_sparse_layers,
+           MoeLayout.MIDDLE: (num_layers - num_sparse_layers) // 2}[layout]
+  return tuple(range(first, first + num_sparse_layers))
+
+
+class TransformerLayer(nn.Module):
+  """One pre-norm T5 block: self-attention [-> cross-attention] [-> extra dense FFN] -> FFN.
+
+  Parameter names are flaxformer's (`attention` in the encoder, `self_attention` and
+  `encoder_decoder_attention` in the decoder), so T5X checkpoints map over by name.
+  """
+  num_heads: int
+  head_dim: int
+  mlp: nn.Module
+  decoder: bool = False
+  extra_mlp: Optional[nn.Module] = None
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD, self_bias_BNLM, padding_mask_BL, *, encoded_BMD=None,
+               cross_bias_BNLM=None, deterministic: bool = True):
+    dropout = lambda y: nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+        y, deterministic=deterministic)
+
+    def attention(name, norm_name, y, kv, bias):
+      h = RMSNorm(dtype=self.dtype, name=norm_name)(y)
+      kv = h if kv is None else kv
+      h = MultiHeadDotProductAttention(self.num_heads, self.head_dim, self.dropout_rate,
+                                       self.dtype, name=name)(h, kv, bias, deterministic)
+      return y + dropout(h)
+
+    if self.decoder:
+      x_BLD = attention("self_attention", "pre_self_attention_layer_norm", x_BLD, None,
+                        self_bias_BNLM)
+      if encoded_BMD is not None:
+        x_BLD = attention("encoder_decoder_attention", "pre_cross_attention_layer_norm", x_BLD,
+                          encoded_BMD, cross_bias_BNLM)
+    else:
+      x_BLD = attention("attention", "pre_attention_layer_norm", x_BLD, None, self_bias_BNLM)
+
+    ffns = [("extra_mlp", self.extra_mlp)] if self.extra_mlp is not None else []
+    for name, ffn in ffns + [("mlp", self.mlp)]:
+      h = RMSNorm(dtype=self.dtype, name=f"pre_{name}_layer_norm")(x_BLD)
+      h = ffn(h, padding_mask_BL, deterministic=deterministic)
+      x_BLD = nn.with_logical_constraint(x_BLD + dropout(h), ("batch", "length", "embed"))
+    return x_BLD
+
+
+class _SparseStack(nn.Module):
+  """What SparseEncoder and SparseDecoder share: layout, layers, relative bias, final norm."""
+  num_layers: int = 2
+  num_heads: int = 4
+  head_dim: int = 16
+  mlp: nn.Module = MlpBlock()
+  moe: Optional[MoeLayer] = None
+  num_sparse_layers: int = 0
+  sparse_layout: MoeLayout = MoeLayout.MIXED
+  extra_dense_mlp: bool = False  # ST-MoE: a dense FFN beside each MoE layer (Zoph et al. 2022)
+  dropout_rate: float = 0.0
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dtype: Any = jnp.float32
+
+  is_decoder: ClassVar[bool] = False
+
+  def __post_init__(self):
+    owner = type(self).__name__
+    sparse_layer_indices(self.num_layers, self.num_sparse_layers, self.sparse_layout, owner)
+    if self.num_sparse_layers and self.moe is None:
+      raise ValueError(f"{owner}.moe must be set when num_sparse_layers={self.num_sparse_layers}")
+    super().__post_init__()
+
+  @property
+  def sparse_layers(self) -> tuple[int, ...]:
+    return sparse_layer_indices(self.num_layers, self.num_sparse_layers, self.sparse_layout)
+
+  @nn.compact
+  def __call__(self, x_BLD, padding_mask_BL, segment_ids_BL=None, *, encoded_BMD=None,
+               encoder_padding_mask_BM=None, encoder_segment_ids_BM=None,
+               deterministic: bool = True):
+    length = x_BLD.shape[1]
+    self_mask = attention_mask(padding_mask_BL, padding_mask_BL, causal=self.is_decoder,
+                               q_segment_BL=segment_ids_BL, kv_segment_BM=segment_ids_BL)
+    relpos = RelativePositionBias(self.num_heads, bidirectional=not self.is_decoder,
+                                  num_buckets=self.relative_attention_num_buckets,
+                                  max_distance=self.relative_attention_max_distance,
+                                  dtype=self.dtype, name="relpos_bias")
+    self_bias = mask_to_bias(self_mask) + relpos(length, length)
+    cross_bias = None
+    if encoded_BMD is not None:
+      cross_bias = mask_to_bias(attention_mask(
+          padding_mask_BL, encoder_padding_mask_BM, q_segment_BL=segment_ids_BL,
+          kv_segment_BM=encoder_segment_ids_BM))
+
+    x_BLD = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(x_BLD, deterministic=deterministic)
+    x_BLD = nn.with_logical_constraint(x_BLD.astype(self.dtype), ("batch", "length", "embed"))
+    sparse = set(self.sparse_layers)
+    for i in range(self.num_layers):
+      # Deep, unbound copies of the templates: every layer owns its parameters.
+      ffn = (self.moe if i in sparse else self.mlp).copy(parent=None)
+      extra = self.mlp.copy(parent=None) if i in sparse and self.extra_dense_mlp else None
+      x_BLD = TransformerLayer(self.num_heads, self.head_dim, ffn, decoder=self.is_decoder,
+                               extra_mlp=extra, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                               name=f"layers_{i}")(
+          x_BLD, self_bias, padding_mask_BL, encoded_BMD=encoded_BMD,
+          cross_bias_BNLM=cross_bias, deterministic=deterministic)
+    x_BLD = RMSNorm(dtype=self.dtype, name="decoder_norm" if self.is_decoder else "encoder_norm")(
+        x_BLD)
+    return nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(x_BLD, deterministic=deterministic)
+
+
+@gin.configurable(module="moe_jax.models.t5")
+class SparseEncoder(_SparseStack):
+  """T5 encoder whose FFNs at `sparse_layout` positions are MoE layers."""
+
+
+@gin.configurable(module="moe_jax.models.t5")
+class SparseDecoder(_SparseStack):
+  """Causal T5 decoder (cross-attention when given an encoding); sparse like SparseEncoder."""
+  is_decoder: ClassVar[bool] = True
+
+  def __post_init__(self):
+    if self.num_sparse_layers and isinstance(getattr(self.moe, "router", None),
+                                             ExpertChoiceRouter):
+      raise ValueError("SparseDecoder.moe.router is an ExpertChoiceRouter, which picks tokens "
+                       "using the whole group, future tokens included: it cannot route a causal "
+                       "decoder. Use SwitchRouter or TopKRouter in the decoder.")
+    super().__post_init__()
+
+
+def decoder_padding_mask(decoder_input_tokens, decoder_target_tokens=None,
+                         decoder_segment_ids=None):
+  """Real decoder positions: targets > 0, else segment ids > 0, else all (inputs start with 0)."""
+  if decoder_target_tokens is not None:
+    return decoder_target_tokens > 0
+  if decoder_segment_ids is not None:
+    return decoder_segment_ids > 0
+  return jnp.ones(decoder_input_tokens.shape, bool)
+
+
+class LogitsHead(nn.Module):
+  """Decoder output -> float32 logits: tied (embedding^T / sqrt(D), T5) or `logits_dense`."""
+  vocab_size: int
+  tied: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, y_BLD, embedder: Embed):
+    if self.tied:
+      logits = embedder.attend(y_BLD) / jnp.sqrt(y_BLD.shape[-1]).astype(self.dtype)
+    else:
+      logits = nn.DenseGeneral(
+          self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+              ("embed", "vocab")), name="logits_dense")(y_BLD)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+@gin.configurable(module="moe_jax.models.t5")
+class SparseEncoderDecoder(nn.Module):
+  """T5 encoder-decoder; returns float32 logits [B, L, V] for teacher-forced decoder inputs."""
+  vocab_size: int = 384
+  embed_dim: int = 64
+  encoder: SparseEncoder = SparseEncoder()
+  decoder: SparseDecoder = SparseDecoder()
+  logits_via_embedding: bool = True
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.token_embedder = Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
+    self.logits_head = LogitsHead(self.vocab_size, self.logits_via_embedding, self.dtype,
+                                  name="logits_head")
+
+  def example_batch(self, batch_size: int = 2, length: int = 8) -> dict:
+    """Dummy inputs for `init` / `jax.eval_shape`."""
+    tokens = jnp.ones((batch_size, length), jnp.int32)
+    return {"encoder_input_tokens": tokens, "decoder_input_tokens": tokens}
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=False):
+    padding_BM = encoder_input_tokens > 0
+    return self.encoder(self.token_embedder(encoder_input_tokens), padding_BM,
+                        encoder_segment_ids, deterministic=not enable_dropout)
+
+  def decode(self, encoded_BMD, encoder_input_tokens, decoder_input_tokens,
+             decoder_target_tokens=None, encoder_segment_ids=None, decoder_segment_ids=None,
+             enable_dropout=False):
+    padding_BL = decoder_padding_mask(decoder_input_tokens, decoder_target_tokens,
+                                      decoder_segment_ids)
+    y_BLD = self.decoder(self.token_embedder(decoder_input_tokens), padding_BL,
+                         decoder_segment_ids, encoded_BMD=encoded_BMD,
+                         encoder_padding_mask_BM=encoder_input_tokens > 0,
+                         encoder_segment_ids_BM=encoder_segment_ids,
+                         deterministic=not enable_dropout)
+    return self.logits_head(y_BLD, self.token_embedder)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, enable_dropout: bool = False):
+    # Positions are implied by relative attention within each (packed) segment.
+    del encoder_positions, decoder_positions
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       enable_dropout)

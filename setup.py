@@ -1,0 +1,31 @@
+"""moe_jax: sparse Mixture-of-Experts transformers in JAX/Flax."""
+
+import setuptools
+
+# One stack that resolves together (see ../shared/STACK_NOTES.md). TensorFlow is only for the
+# data pipeline (seqio -> tensorflow-text); moe_jax.layers / moe_jax.models never import it.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "gin-config==0.5.0",
+    "numpy==2.4.6",
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    # tensorflow-datasets imports it while building a dataset but does not declare it on 3.11.
+    "importlib_resources==7.1.0",
+]
+
+setuptools.setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts transformers in JAX/Flax",
+    packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest==9.2.0"]},
+)

@@ -1,0 +1,83 @@
+"""T5X-style gin flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+from typing import Sequence
+
+import gin
+
+import moe_jax.models  # noqa: F401  (registers the configurables)
+import moe_jax.objectives  # noqa: F401
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SEARCH_PATHS = (os.path.join(REPO_ROOT, "configs"), REPO_ROOT)
+
+
+def _resolve(gin_file: str, search_paths: Sequence[str]) -> str:
+  for base in ("",) + tuple(search_paths):
+    path = os.path.join(base, gin_file) if base else gin_file
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(f"gin file {gin_file!r} not found; looked in the current directory and "
+                          f"{list(search_paths)}")
+
+
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+              search_paths: Sequence[str] = ()) -> None:
+  """Clears gin, then parses files (found via search paths) and bindings, finalizing the config.
+
+  Misspelled configurables, parameters or macros and unknown files raise here, before any
+  model is built or compiled.
+  """
+  search_paths = tuple(search_paths) + DEFAULT_SEARCH_PATHS
+  gin.clear_config()
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  files = [_resolve(f, search_paths) for f in gin_files]
+  with _quiet_include_probing():
+    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=True)
+
+
+class _DropPathNotFound(logging.Filter):
+  def filter(self, record):
+    return not record.getMessage().startswith("Path not found:")
+
+
+@contextlib.contextmanager
+def _quiet_include_probing():
+  """gin logs an ERROR for every search path an include is not under; only a miss everywhere
+  is an error, and gin raises that itself."""
+  noise = _DropPathNotFound()
+  logging.getLogger().addFilter(noise)
+  try:
+    yield
+  finally:
+    logging.getLogger().removeFilter(noise)
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable), relative to the search paths")
+  parser.add_argument("--gin_search_paths", default="",
+                      help="comma-separated extra directories to find gin files in")
+
+
+def parse_flags(argv: Sequence[str], parser: argparse.ArgumentParser | None = None):
+  """Parses argv; `--gin.NAME=VALUE` become bindings. Returns (args, bindings); parses gin."""
+  parser = parser or argparse.ArgumentParser()
+  add_gin_flags(parser)
+  args, rest = parser.parse_known_args(argv)
+  bindings = []
+  for flag in rest:
+    if not flag.startswith("--gin.") or "=" not in flag:
+      parser.error(f"unrecognized argument {flag!r} (gin bindings are --gin.NAME=VALUE)")
+    bindings.append(flag[len("--gin."):])
+  if not args.gin_file:
+    parser.error("at least one --gin_file is required")
+  search = [p for p in args.gin_search_paths.split(",") if p]
+  parse_gin(args.gin_file, bindings, search)
+  return args, bindings

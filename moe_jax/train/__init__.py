@@ -1,0 +1,1 @@
+"""Training: partitioning, trainer, optimizers, checkpoints, metrics."""

@@ -174,7 +174,7 @@ def _fill_buffers(expert_A, token_A, gate_A, valid_A, num_experts, capacity):
   scatter = lambda v: (jnp.zeros((size,), v.dtype).at[slot].set(v[perm], mode="drop")
                        .reshape(num_experts, capacity))
   kept_A = jnp.zeros((num_choices,), bool).at[perm].set(kept_sorted)
-  return scatter(token_A), scatter(jnp.where(valid_A, gate_A, 0.0)), scatter(kept_sorted), kept_A
+  return scatter(token_A), scatter(jnp.where(valid_A, gate_A, 0.0)), scatter(kept_A), kept_A
 
 
 class _TokensChoose(Router):

@@ -1,4 +1,4 @@
-"""T5 span corruption (Raffel et al. 2020, "Exploring the Limits of Transfer Learning", 3.1.4, 3.3.4).
+"""T5 span corruption (Raffel et al. 2020, "Exploring the Limits of Transfer Learning", 3.1.4).
 
 A fraction `noise_density` of the tokens, in spans of mean length `mean_noise_span_length`, is
 dropped from the input; each dropped span is replaced by ONE sentinel in the input, and the
@@ -10,7 +10,8 @@ target lists every dropped span after its sentinel:
 
 Sentinels are the vocabulary's extra ids counted down from the top: <Si> = vocab_size - 1 - i.
 
-Counts for a sequence of L tokens (rounding half to even, as `tf.round`):
+Defaults follow sec. 3.3.4 (15% corrupted, mean span length 3). Counts for a sequence of L
+tokens (in float64, rounding half to even like numpy and `tf.round`):
 
     num_noise_tokens = clip(round(L * noise_density), 1, L - 1)
     num_noise_spans  = max(1, round(num_noise_tokens / mean_noise_span_length))
@@ -42,12 +43,11 @@ def noise_counts(length: int, noise_density: float = NOISE_DENSITY,
 
 
 def _noise_counts_tf(length, noise_density, mean_noise_span_length):
-  """Same as `noise_counts` on a scalar int32 tensor (tf.round also rounds half to even)."""
-  length_f = tf.cast(length, tf.float32)
-  num_noise = tf.cast(tf.round(length_f * noise_density), tf.int32)
+  """`noise_counts` on an int32 tensor: float64 and half-to-even like numpy, so they agree."""
+  num_noise = tf.cast(tf.round(tf.cast(length, tf.float64) * noise_density), tf.int32)
   num_noise = tf.clip_by_value(num_noise, 1, length - 1)
-  num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float32) / mean_noise_span_length), tf.int32)
-  return num_noise, tf.maximum(num_spans, 1)
+  num_spans = tf.round(tf.cast(num_noise, tf.float64) / mean_noise_span_length)
+  return num_noise, tf.maximum(tf.cast(num_spans, tf.int32), 1)
 
 
 def span_corruption_lengths(
@@ -127,17 +127,18 @@ def span_corruption(dataset: tf.data.Dataset,
   """
   vocabulary = output_features["targets"].vocabulary
   inputs_length = (sequence_length or {}).get("inputs")
-  if inputs_length is not None:
-    tokens_length, _ = span_corruption_lengths(
-        inputs_length, noise_density, mean_noise_span_length)
-    max_spans = max(noise_counts(n, noise_density, mean_noise_span_length)[1]
-                    for n in range(2, tokens_length + 1))
-    if max_spans > vocabulary.extra_ids:
-      raise ValueError(
-          f"Span corruption of {tokens_length} tokens needs {max_spans} sentinels but the "
-          f"vocabulary has only {vocabulary.extra_ids} extra ids; use a shorter inputs length "
-          "or more extra ids.")
-    dataset = preprocessors.split_tokens(dataset, tokens_length, feature_key="targets")
+  if inputs_length is None:
+    raise ValueError("span_corruption needs sequence_length['inputs'] to size its segments.")
+  tokens_length, _ = span_corruption_lengths(inputs_length, noise_density,
+                                             mean_noise_span_length)
+  max_spans = max(noise_counts(n, noise_density, mean_noise_span_length)[1]
+                  for n in range(2, tokens_length + 1))
+  if max_spans > vocabulary.extra_ids:
+    raise ValueError(
+        f"Span corruption of {tokens_length} tokens needs {max_spans} sentinels but the "
+        f"vocabulary has only {vocabulary.extra_ids} extra ids; use a shorter inputs length "
+        "or more extra ids.")
+  dataset = preprocessors.split_tokens(dataset, tokens_length, feature_key="targets")
   dataset = dataset.filter(lambda ex: tf.size(ex["targets"]) >= 2)
 
   @seqio.map_over_dataset(num_seeds=1)

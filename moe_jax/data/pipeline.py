@@ -1,0 +1,75 @@
+"""From a task name to batches of model features (T5X names), packed, sharded, deterministic.
+
+Encoder-decoder tasks (with "inputs") go through `seqio.EncDecFeatureConverter`:
+encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights, and
+with packing encoder/decoder_segment_ids and encoder/decoder_positions. Decoder-only tasks go
+through `seqio.LMFeatureConverter`: the decoder_* subset. Packing concatenates examples into
+each row; segment ids (1, 2, ... per example, 0 on padding) and positions (restarting at 0 for
+each example) let attention and position biases keep them apart.
+"""
+
+from typing import Mapping, Optional
+
+import seqio
+import tensorflow as tf
+
+from moe_jax.data import tasks
+
+EncDecFeatureConverter = seqio.EncDecFeatureConverter
+LMFeatureConverter = seqio.LMFeatureConverter
+
+
+def _get_provider(name: str) -> seqio.DatasetProviderBase:
+  if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+    raise ValueError(f"Unknown task or mixture {name!r}. moe_jax registers: "
+                     f"{', '.join(tasks.registered_task_names())}.")
+  return seqio.get_mixture_or_task(name)
+
+
+def get_feature_converter(mixture_or_task_name: str, pack: bool = True) -> seqio.FeatureConverter:
+  """EncDecFeatureConverter for tasks with "inputs", LMFeatureConverter for "targets" only."""
+  provider = _get_provider(mixture_or_task_name)
+  if "inputs" in provider.output_features:
+    return EncDecFeatureConverter(pack=pack)
+  return LMFeatureConverter(pack=pack)
+
+
+def get_dataset(mixture_or_task_name: str,
+                task_feature_lengths: Mapping[str, int],
+                split: str,
+                batch_size: int,
+                shuffle: bool,
+                seed: Optional[int],
+                shard_info: Optional[seqio.ShardInfo] = None,
+                pack: bool = True,
+                num_epochs: Optional[int] = None) -> tf.data.Dataset:
+  """Batches {feature: int32 [batch_size, length]} of a registered task or mixture.
+
+  task_feature_lengths: e.g. {"inputs": 512, "targets": 114} (span corruption: see
+    `span_corruption_lengths`) or {"targets": 512} (LM); longer features are truncated.
+  batch_size: rows per batch for THIS process (the remainder is dropped).
+  shuffle, seed: the same seed gives the same batches (shuffle order and span-corruption
+    noise); seed=None draws both at random.
+  shard_info: `seqio.ShardInfo(jax.process_index(), jax.process_count())` in multi-process
+    training; each process gets a disjoint 1/num_shards of the examples.
+  num_epochs: None repeats forever (training); 1 for one pass (evaluation).
+  """
+  provider = _get_provider(mixture_or_task_name)
+  if split not in provider.splits:
+    raise ValueError(f"Unknown split {split!r} for {mixture_or_task_name!r}; "
+                     f"choose one of {list(provider.splits)}.")
+  missing = set(provider.output_features) - set(task_feature_lengths)
+  if missing:
+    raise ValueError(f"task_feature_lengths of {mixture_or_task_name!r} needs a length for "
+                     f"{sorted(missing)}, got {dict(task_feature_lengths)}.")
+  return seqio.get_dataset(
+      provider,
+      task_feature_lengths=dict(task_feature_lengths),
+      feature_converter=get_feature_converter(mixture_or_task_name, pack=pack),
+      dataset_split=split,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      shard_info=shard_info,
+      seed=seed,
+      batch_size=batch_size,
+      verbose=False)

@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     # tensorflow-datasets imports it while building a dataset but does not declare it on 3.11.
     "importlib_resources==7.1.0",
+    "tensorboard==2.21.0",  # event files written through tf.summary
     "sacrebleu==2.6.0",  # BLEU for translation (seqio 0.0.20 ships no text metrics)
 ]
 

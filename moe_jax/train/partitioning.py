@@ -7,6 +7,7 @@ file alone maps them to mesh axes. Activation constraints only apply under `jax.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -54,8 +55,19 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
 
 
 def make_mesh(mesh_shape: Sequence[int] = (1, -1, 1), devices=None) -> jax.sharding.Mesh:
-  """A mesh over all (or the given) devices with Auto axes, as GSPMD sharding needs."""
-  devices = jax.devices() if devices is None else list(devices)
+  """A mesh with Auto axes (as GSPMD sharding needs) over the given devices, else all devices.
+
+  A shape without -1 that needs fewer than all devices takes the first ones (with a warning):
+  e.g. (1, 1, 1) runs on one device of a multi-device host.
+  """
+  if devices is None:
+    devices = jax.devices()
+    wanted = math.prod(int(s) for s in mesh_shape)
+    if -1 not in tuple(mesh_shape) and 0 < wanted < len(devices):
+      logging.warning("MESH_SHAPE %s uses %d of the %d devices", tuple(mesh_shape), wanted,
+                      len(devices))
+      devices = devices[:wanted]
+  devices = list(devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices)

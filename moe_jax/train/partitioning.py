@@ -63,7 +63,7 @@ def make_mesh(mesh_shape: Sequence[int] = (1, -1, 1), devices=None) -> jax.shard
   if devices is None:
     devices = jax.devices()
     wanted = math.prod(int(s) for s in mesh_shape)
-    if -1 not in tuple(mesh_shape) and 0 < wanted < len(devices):
+    if jax.process_count() == 1 and -1 not in tuple(mesh_shape) and 0 < wanted < len(devices):
       logging.warning("MESH_SHAPE %s uses %d of the %d devices", tuple(mesh_shape), wanted,
                       len(devices))
       devices = devices[:wanted]

@@ -36,7 +36,7 @@ _SECOND_EXPERT_POLICIES = ("all", "random")
 
 @struct.dataclass
 class RouterStats:
-  """Per-layer aux losses and routing metrics (scalars, float32, averaged over groups).
+  """Per-layer aux losses and routing metrics (float32, averaged over the real tokens).
 
   load_balancing_loss: Switch `E * sum_e f_e * P_e` (see `load_balancing_loss`).
   z_loss: router z-loss `mean_tokens logsumexp(logits)^2` (Zoph et al. 2022).
@@ -83,24 +83,32 @@ def _masked_mean(x, mask, axis):
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
+def _token_mean(x_GS, mask_GS):
+  """Mean over every real token of every group of x [G, S, ...] (padding-only groups count 0)."""
+  return _masked_mean(x_GS, mask_GS.reshape(mask_GS.shape + (1,) * (x_GS.ndim - 2)), axis=(0, 1))
+
+
 def load_balancing_loss(probs_GSE, expert_GSK, mask_GS):
   """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), flaxformer's top-k form.
 
   f_e = fraction of tokens whose k choices include expert e, P_e = mean router probability of
-  e, loss = E * sum_e f_e * P_e, averaged over groups. Perfect balance gives k (1 for top-1);
+  e, loss = E * sum_e f_e * P_e per group, averaged over groups weighted by their real tokens.
+  Perfect balance gives k (1 for top-1);
   all tokens on one expert with probability 1 gives E. Padding tokens (mask_GS False) are ignored.
   """
   num_experts = probs_GSE.shape[-1]
   chosen_GSE = jnp.max(jax.nn.one_hot(expert_GSK, num_experts, dtype=jnp.float32), axis=-2)
   f_GE = _masked_mean(chosen_GSE, mask_GS[..., None], axis=1)
   p_GE = _masked_mean(probs_GSE, mask_GS[..., None], axis=1)
-  return jnp.mean(jnp.sum(f_GE * p_GE, axis=-1)) * num_experts
+  # Groups weigh by their real tokens, so a group of padding (eval batches) adds nothing.
+  tokens_G = jnp.sum(mask_GS, axis=1).astype(jnp.float32)
+  loss_G = jnp.sum(f_GE * p_GE, axis=-1) * num_experts
+  return jnp.sum(loss_G * tokens_G) / jnp.maximum(jnp.sum(tokens_G), 1.0)
 
 
 def router_z_loss(logits_GSE, mask_GS):
   """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
-  lse_GS = jax.nn.logsumexp(logits_GSE, axis=-1)
-  return jnp.mean(_masked_mean(lse_GS**2, mask_GS, axis=1))
+  return _token_mean(jax.nn.logsumexp(logits_GSE, axis=-1) ** 2, mask_GS)
 
 
 class RouterWeights(nn.Module):
@@ -223,15 +231,13 @@ class _TokensChoose(Router):
 
     kept_GS = jnp.zeros((num_groups, group_size), bool).at[
         jnp.arange(num_groups)[:, None], token_GA].max(kept_GA)
-    load_E = jnp.mean(_masked_mean(
-        jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=-2) / self.k, mask_GS[..., None],
-        axis=1), axis=0)
     stats = RouterStats(
         load_balancing_loss=load_balancing_loss(probs_GSE, expert_GSK, mask_GS),
         z_loss=router_z_loss(logits_GSE, mask_GS),
-        fraction_dropped=jnp.mean(_masked_mean(1.0 - kept_GS, mask_GS, axis=1)),
-        expert_load_E=load_E,
-        router_confidence=jnp.mean(_masked_mean(top1_GS, mask_GS, axis=1)))
+        fraction_dropped=_token_mean(1.0 - kept_GS, mask_GS),
+        expert_load_E=_token_mean(
+            jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=-2) / self.k, mask_GS),
+        router_confidence=_token_mean(top1_GS, mask_GS))
     return RouterOutput(token_GEC, combine_GEC, valid_GEC, stats)
 
 
@@ -280,8 +286,8 @@ class ExpertChoiceRouter(Router):
     stats = RouterStats(
         load_balancing_loss=jnp.zeros((), jnp.float32),
         z_loss=router_z_loss(logits_GSE, mask_GS),
-        fraction_dropped=jnp.mean(_masked_mean(1.0 - chosen_GS, mask_GS, axis=1)),
-        expert_load_E=jnp.mean(_masked_mean(preferred_GSE, mask_GS[..., None], axis=1), axis=0),
-        router_confidence=jnp.mean(_masked_mean(jnp.max(probs_GSE, -1), mask_GS, axis=1)))
+        fraction_dropped=_token_mean(1.0 - chosen_GS, mask_GS),
+        expert_load_E=_token_mean(preferred_GSE, mask_GS),
+        router_confidence=_token_mean(jnp.max(probs_GSE, -1), mask_GS))
     return RouterOutput(jnp.where(valid_GEC, token_GEC, 0), jnp.where(valid_GEC, score_GEC, 0.0),
                         valid_GEC, stats)

@@ -1,0 +1,380 @@
+"""MoeLayer (moe_jax.layers.moe): grouping, dropped tokens, backends, dense limit, dtypes, metrics.
+
+Inputs are x [B=2, L=16, D=8] with max_group_size=16, so G=2 groups of S=16 tokens (one per
+sequence). Expected values come from the math, recomputed from the parameters in numpy.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.layers import moe, routing
+from moe_jax.layers.experts import ExpertMlp
+
+E, D, F, B, L = 4, 8, 16, 2, 16
+S = L  # max_group_size = L: one group per sequence
+
+
+def _layer(router=None, **kwargs):
+  kwargs = {"num_experts": E, "router": router or routing.SwitchRouter(),
+            "expert": ExpertMlp(intermediate_dim=F), "max_group_size": S,
+            "min_expert_capacity": 0, **kwargs}
+  return moe.MoeLayer(**kwargs)
+
+
+def _x(seed=0, dtype=jnp.float32):
+  return jnp.asarray(np.random.RandomState(seed).normal(0, 1, (B, L, D)), dtype)
+
+
+def _params(seed=0, activations=("relu",), router_scale=1.0):
+  """MoeLayer params by hand (the names and shapes `init` gives; checked in the bf16 test)."""
+  rng = np.random.RandomState(seed)
+  normal = lambda scale, *shape: jnp.asarray(rng.normal(0, scale, shape), jnp.float32)
+  wi = ["wi"] if len(activations) == 1 else [f"wi_{i}" for i in range(len(activations))]
+  return {
+      "router": {"router_weights": {"w": {"kernel": normal(router_scale, D, E)}}},
+      "expert": {**{n: {"kernel": normal(D**-0.5, E, D, F)} for n in wi},
+                 "wo": {"kernel": normal(F**-0.5, E, F, D)}},
+  }
+
+
+def _run(layer, params, x, mask=None, deterministic=True, rngs=None):
+  """-> (y_BLD, sown RouterStats, the layer's RouterOutput)."""
+  y, state = layer.apply(
+      {"params": params}, x, mask, deterministic, rngs=rngs,
+      capture_intermediates=lambda mdl, name: isinstance(mdl, routing.Router),
+      mutable=[moe.MOE_STATS, "intermediates"])
+  (stats,) = state[moe.MOE_STATS]["router_stats"]
+  (routes,) = state["intermediates"]["router"]["__call__"]
+  return y, stats, routes
+
+
+def _router_kernel(params):
+  return np.asarray(params["router"]["router_weights"]["w"]["kernel"], np.float64)
+
+
+def _probs_GSE(params, x):
+  logits = np.asarray(x, np.float64).reshape(-1, S, D) @ _router_kernel(params)
+  logits -= logits.max(-1, keepdims=True)
+  return np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+
+def _gelu(x):
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _expert_ffn(params, x_ND, e, activations):
+  """Expert e's FFN by hand (float64)."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params["expert"])
+  acts = {"relu": lambda h: np.maximum(h, 0), "gelu": _gelu, "linear": lambda h: h}
+  names = ["wi"] if len(activations) == 1 else [f"wi_{i}" for i in range(len(activations))]
+  hidden = np.prod([acts[a](x_ND @ p[n]["kernel"][e]) for n, a in zip(names, activations)], 0)
+  return hidden @ p["wo"]["kernel"][e]
+
+
+def _kept_GS(routes):
+  """[G, S] bool: the token holds at least one valid slot."""
+  tokens, valid = np.asarray(routes.token_index_GEC), np.asarray(routes.valid_GEC)
+  kept = np.zeros((tokens.shape[0], S), bool)
+  for g in range(tokens.shape[0]):
+    kept[g, tokens[g][valid[g]]] = True
+  return kept
+
+
+def _reference_kept_top1(probs_GSE, capacity, mask_GS=None):
+  """Sequence-order top-1 routing by hand: which tokens keep a slot."""
+  mask_GS = np.ones(probs_GSE.shape[:2], bool) if mask_GS is None else np.asarray(mask_GS)
+  kept = np.zeros(probs_GSE.shape[:2], bool)
+  for g, probs_SE in enumerate(probs_GSE):
+    used = [0] * E
+    for s, e in enumerate(probs_SE.argmax(-1)):
+      if mask_GS[g, s] and used[e] < capacity:
+        used[e] += 1
+        kept[g, s] = True
+  return kept
+
+
+# --- grouping ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_tokens, max_group_size, multiple, expected", [
+    (64, 16, 1, 4),    # 4 groups of 16
+    (60, 16, 1, 4),    # ceil(60 / 16) = 4 divides 60: 4 groups of 15
+    (70, 16, 1, 5),    # 5 groups of 14
+    (68, 16, 1, 17),   # 5, 6, 7 ... do not divide 68; 17 groups of 4
+    (7, 4, 1, 7),      # prime token count: groups of 1
+    (16, 32, 1, 1),    # fits in one group
+    (64, 16, 8, 8),    # 4 groups would straddle 8 batch shards: 8 groups of 8
+    (96, 16, 4, 8),    # ceil(96 / 16) = 6 -> next multiple of 4 is 8, divides 96
+    (16, 32, 4, 4),    # one group would do, but 4 shards need 4
+    (60, 16, 8, 4),    # 60 is not a multiple of 8: the shard constraint is dropped
+])
+def test_num_groups(num_tokens, max_group_size, multiple, expected):
+  groups = moe.num_groups(num_tokens, max_group_size, multiple)
+  assert groups == expected
+  assert num_tokens % groups == 0 and num_tokens // groups <= max_group_size
+
+
+# --- invalid configs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"router": routing.TopKRouter(k=5)}, r"TopKRouter\.k"),
+    ({"train_capacity_factor": 0.0}, "train_capacity_factor"),
+    ({"train_capacity_factor": -1.0}, "train_capacity_factor"),
+    ({"eval_capacity_factor": 0.0}, "eval_capacity_factor"),
+    ({"eval_capacity_factor": -0.5}, "eval_capacity_factor"),
+    ({"dispatch": "scatter"}, r"MoeLayer\.dispatch"),
+    ({"num_experts": 0}, "num_experts"),
+    ({"max_group_size": 0}, "max_group_size"),
+    ({"min_expert_capacity": -1}, "min_expert_capacity"),
+])
+def test_invalid_config_names_the_field(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    _layer(**kwargs)
+
+
+def test_capacity_uses_train_and_eval_factors():
+  layer = _layer(routing.TopKRouter(k=2), train_capacity_factor=1.25, eval_capacity_factor=0.25,
+                 min_expert_capacity=3)
+  assert layer.capacity(S, deterministic=False) == 10  # ceil(1.25 * 2 * 16 / 4)
+  assert layer.capacity(S, deterministic=True) == 3    # ceil(2) = 2 < floor 3
+
+
+# --- uniform routing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router, k", [(routing.SwitchRouter(), 1), (routing.TopKRouter(k=2), 2)])
+def test_uniform_routing_losses(router, k):
+  layer = _layer(router)
+  _, stats, _ = _run(layer, _params(router_scale=0.0), _x())
+  # Equal probabilities 1/E: balance loss E * sum_e f_e / E = sum_e f_e = k.
+  assert float(stats.load_balancing_loss) == k
+  np.testing.assert_allclose(stats.z_loss, math.log(E)**2, rtol=1e-6)
+  np.testing.assert_allclose(stats.router_confidence, 1.0 / E, rtol=1e-6)
+  # top_k breaks ties towards the lower index: experts 0..k-1 get every choice.
+  np.testing.assert_allclose(stats.expert_load_E, [1.0 / k] * k + [0.0] * (E - k))
+
+
+# --- dropped tokens and metrics ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+def test_dropped_token_output_is_exactly_zero(dispatch):
+  layer = _layer(dispatch=dispatch, eval_capacity_factor=0.01)  # C = ceil(0.04) = 1
+  assert layer.capacity(S, deterministic=True) == 1
+  x = _x()
+  params = _params()
+  y, stats, routes = _run(layer, params, x)
+  probs = _probs_GSE(params, x)
+  kept = _kept_GS(routes)
+  np.testing.assert_array_equal(kept, _reference_kept_top1(probs, capacity=1))
+  # With C = 1, each group keeps one token per expert that anyone chose.
+  assert kept.sum() == sum(len(set(p.argmax(-1))) for p in probs)
+  y_GSD = np.asarray(y).reshape(-1, S, D)
+  assert np.all(y_GSD[~kept] == 0.0)
+  assert np.all(np.any(y_GSD[kept] != 0.0, axis=-1))
+  # Kept token: its probability times its expert's FFN.
+  for g, s in zip(*np.nonzero(kept)):
+    e = probs[g, s].argmax()
+    np.testing.assert_allclose(
+        y_GSD[g, s], probs[g, s, e] * _expert_ffn(params, np.asarray(x).reshape(-1, S, D)[g, s],
+                                                  e, ("relu",)), rtol=1e-4, atol=1e-5)
+  # Metrics: hand-counted fraction of dropped tokens; expert load = share of top-1 choices.
+  np.testing.assert_allclose(stats.fraction_dropped, 1.0 - kept.sum() / (B * L), rtol=1e-6)
+  counts = np.bincount(probs.argmax(-1).ravel(), minlength=E)
+  np.testing.assert_allclose(stats.expert_load_E, counts / (B * L), rtol=1e-6)
+  np.testing.assert_allclose(np.sum(stats.expert_load_E), 1.0, rtol=1e-6)
+
+
+def test_top2_metrics():
+  layer = _layer(routing.TopKRouter(k=2), eval_capacity_factor=0.25)  # C = ceil(2) = 2
+  x = _x(seed=1)
+  params = _params()
+  y, stats, routes = _run(layer, params, x)
+  kept = _kept_GS(routes)
+  assert 0 < kept.sum() < B * L
+  assert np.all(np.asarray(y).reshape(-1, S, D)[~kept] == 0.0)
+  np.testing.assert_allclose(stats.fraction_dropped, 1.0 - kept.sum() / (B * L), rtol=1e-6)
+  top2 = np.argsort(-_probs_GSE(params, x), -1)[..., :2]
+  counts = np.bincount(top2.ravel(), minlength=E)
+  np.testing.assert_allclose(stats.expert_load_E, counts / (2 * B * L), rtol=1e-6)
+  np.testing.assert_allclose(np.sum(stats.expert_load_E), 1.0, rtol=1e-6)
+
+
+def test_metrics_count_real_tokens_when_a_group_is_all_padding():
+  # Group 1 (the second sequence) is all padding, as in an eval batch padded with empty examples.
+  layer = _layer(eval_capacity_factor=0.01)  # C = 1
+  x = _x()
+  params = _params()
+  mask = jnp.asarray(np.arange(B)[:, None] == 0).repeat(L, 1)
+  _, stats, routes = _run(layer, params, x, mask)
+  kept = _kept_GS(routes)
+  assert not kept[1].any()
+  # Fractions over the 16 real tokens: the loads of the real tokens' choices sum to 1.
+  np.testing.assert_allclose(np.sum(stats.expert_load_E), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(stats.fraction_dropped, 1.0 - kept[0].sum() / S, rtol=1e-6)
+
+
+# --- padding -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+def test_padding_tokens_output_zero_use_no_capacity_and_skip_losses(dispatch):
+  layer = _layer(dispatch=dispatch, eval_capacity_factor=0.5)  # C = 2
+  x = _x(seed=2)
+  params = _params()
+  # 4 padding tokens per group, at the front of group 0 and the back of group 1.
+  mask_np = np.ones((B, L), bool)
+  mask_np[0, :4] = False
+  mask_np[1, -4:] = False
+  y, stats, routes = _run(layer, params, x, jnp.asarray(mask_np))
+  y_GSD = np.asarray(y).reshape(-1, S, D)
+  probs = _probs_GSE(params, x)
+  kept = _kept_GS(routes)
+  np.testing.assert_array_equal(kept, _reference_kept_top1(probs, 2, mask_np))
+  assert np.all(y_GSD[~mask_np] == 0.0)
+  assert np.all(y_GSD[~kept] == 0.0)
+
+  # Losses over the 12 real tokens of each group, averaged over groups.
+  chosen = np.eye(E)[probs.argmax(-1)]
+  f = np.stack([chosen[g][mask_np[g]].mean(0) for g in range(B)])
+  p = np.stack([probs[g][mask_np[g]].mean(0) for g in range(B)])
+  np.testing.assert_allclose(stats.load_balancing_loss, E * np.mean(np.sum(f * p, -1)), rtol=1e-5)
+  logits = np.asarray(x, np.float64) @ _router_kernel(params)
+  lse = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(stats.z_loss, np.mean([np.mean(lse[g][mask_np[g]]**2)
+                                                    for g in range(B)]), rtol=1e-5)
+  np.testing.assert_allclose(stats.fraction_dropped,
+                             1.0 - kept.sum() / mask_np.sum(), rtol=1e-6)
+  np.testing.assert_allclose(np.sum(stats.expert_load_E), 1.0, rtol=1e-6)
+
+
+# --- dispatch backends -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", [
+    routing.SwitchRouter(), routing.TopKRouter(k=2), routing.ExpertChoiceRouter()],
+    ids=["switch", "top2", "expert_choice"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_einsum_and_gather_backends_agree(router, padded):
+  x = _x(seed=3)
+  mask = jnp.asarray(np.arange(L)[None, :] < np.array([[11], [16]])) if padded else None
+  einsum_layer = _layer(router, dispatch="einsum", eval_capacity_factor=0.5)
+  gather_layer = _layer(router, dispatch="gather", eval_capacity_factor=0.5)
+  params = _params()
+  y_einsum, _, routes = _run(einsum_layer, params, x, mask)
+  y_gather, _, _ = _run(gather_layer, params, x, mask)
+  kept = _kept_GS(routes)
+  if not isinstance(router, routing.ExpertChoiceRouter):
+    assert 0 < kept.sum() < B * L  # some tokens dropped, some kept
+  assert np.abs(np.asarray(y_einsum)).max() > 0.1
+  np.testing.assert_allclose(y_gather, y_einsum, atol=1e-5, rtol=1e-5)
+  # Tokens in no slot (dropped, padding, or chosen by no expert) get exactly 0 from both.
+  for y in (y_einsum, y_gather):
+    assert np.all(np.asarray(y).reshape(-1, S, D)[~kept] == 0.0)
+
+
+# --- the dense limit ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activations, deterministic", [
+    (("relu",), True), (("gelu", "linear"), False)])  # eval and train capacity factors
+def test_top_e_routing_without_capacity_limit_is_the_dense_mixture(activations, deterministic):
+  layer = _layer(routing.TopKRouter(k=E), expert=ExpertMlp(intermediate_dim=F,
+                                                           activations=activations),
+                 train_capacity_factor=1.0, eval_capacity_factor=1.0)
+  assert layer.capacity(S, deterministic) == S  # ceil(1 * E * S / E) = S
+  x = _x(seed=4)
+  params = _params(seed=4, activations=activations, router_scale=0.5)
+  y, stats, _ = _run(layer, params, x, deterministic=deterministic)
+  x_ND = np.asarray(x, np.float64).reshape(-1, D)
+  probs_NE = _probs_GSE(params, x).reshape(-1, E)
+  expected = sum(probs_NE[:, e:e + 1] * _expert_ffn(params, x_ND, e, activations)
+                 for e in range(E))
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D), expected, rtol=1e-4, atol=1e-5)
+  assert float(stats.fraction_dropped) == 0.0
+  # Every token picks every expert: f_e = 1, so the balance loss is E * sum_e P_e = E.
+  np.testing.assert_allclose(stats.load_balancing_loss, E, rtol=1e-6)
+
+
+# --- batch-prioritized routing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", [
+    routing.SwitchRouter(batch_prioritized_routing=True),
+    routing.TopKRouter(k=2, batch_prioritized_routing=True)], ids=["switch", "top2"])
+def test_batch_prioritized_routing_output_is_invariant_to_token_order(router):
+  layer = _layer(router, eval_capacity_factor=0.25)  # C = 1 (top-1) or 2 (top-2)
+  x = _x(seed=5)
+  params = _params()
+  perm = np.random.RandomState(6).permutation(L)
+  inverse = np.argsort(perm)
+  y, _, routes = _run(layer, params, x)
+  y_perm, _, routes_perm = _run(layer, params, x[:, perm])
+  kept = _kept_GS(routes)
+  assert 0 < kept.sum() < B * L
+  np.testing.assert_array_equal(_kept_GS(routes_perm)[:, inverse], kept)
+  np.testing.assert_allclose(np.asarray(y_perm)[:, inverse], y, rtol=1e-6, atol=1e-7)
+  # Kept tokens are the ones with the highest top-1 probability among those sharing a choice.
+  if router.k == 1:
+    probs = _probs_GSE(params, x)
+    for g in range(B):
+      for e in range(E):
+        mine = probs[g].argmax(-1) == e
+        if (mine & kept[g]).any() and (mine & ~kept[g]).any():
+          assert probs[g, mine & kept[g], e].min() > probs[g, mine & ~kept[g], e].max()
+
+
+# --- dtypes and gradients ----------------------------------------------------------------------
+
+
+def test_bfloat16_model_keeps_router_in_float32():
+  layer = _layer(dtype=jnp.bfloat16, expert=ExpertMlp(intermediate_dim=F, dtype=jnp.bfloat16))
+  x = _x(dtype=jnp.bfloat16)
+  params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+  # init gives the parameter tree that the other tests build by hand.
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(_params())
+  assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(jnp.shape, _params())
+  y, state = layer.apply({"params": params}, x, capture_intermediates=True,
+                         mutable=[moe.MOE_STATS, "intermediates"])
+  inter = state["intermediates"]
+  assert y.dtype == jnp.bfloat16
+  assert params["router"]["router_weights"]["w"]["kernel"].dtype == jnp.float32
+  assert inter["router"]["router_weights"]["__call__"][0].dtype == jnp.float32  # logits
+  routes = inter["router"]["__call__"][0]
+  assert routes.combine_GEC.dtype == jnp.float32
+  for leaf in jax.tree_util.tree_leaves(state[moe.MOE_STATS]):
+    assert leaf.dtype == jnp.float32
+  # The experts compute in bfloat16 from float32 parameters.
+  assert inter["expert"]["wi"]["__call__"][0].dtype == jnp.bfloat16
+  assert params["expert"]["wi"]["kernel"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+def test_router_gradient_through_combine_weights(dispatch):
+  layer = _layer(dispatch=dispatch, eval_capacity_factor=0.5)  # C = 2: some tokens dropped
+  x = _x(seed=7)
+  params = _params(router_scale=0.5)
+  r_BLD = jnp.asarray(np.random.RandomState(8).normal(0, 1, (B, L, D)), jnp.float32)
+  loss = lambda p: jnp.sum(layer.apply({"params": p}, x) * r_BLD)
+  grad = jax.jit(jax.grad(loss))(params)["router"]["router_weights"]["w"]["kernel"]
+  assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
+
+  # By hand: y_s = p_e(s) FFN_e(x_s) for a kept token, so with c_s = r_s . FFN_e(x_s),
+  # dL/dW[:, j] = sum_kept c_s p_e (delta_ej - p_j) x_s.
+  _, _, routes = _run(layer, params, x)
+  kept = _kept_GS(routes).ravel()
+  probs = _probs_GSE(params, x).reshape(-1, E)
+  x_ND = np.asarray(x, np.float64).reshape(-1, D)
+  r_ND = np.asarray(r_BLD, np.float64).reshape(-1, D)
+  expected = np.zeros((D, E))
+  for n in np.nonzero(kept)[0]:
+    e = probs[n].argmax()
+    c = r_ND[n] @ _expert_ffn(params, x_ND[n], e, ("relu",))
+    expected += np.outer(x_ND[n], c * probs[n, e] * (np.eye(E)[e] - probs[n]))
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)

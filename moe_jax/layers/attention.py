@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.layers.dense import default_kernel_init
 
 _NEG_INF = -1e10
 
@@ -75,29 +74,59 @@ class RelativePositionBias(nn.Module):
     return table_NK[:, buckets_LM][None].astype(self.dtype)  # [1, N, L, M]
 
 
+def _projection_init(in_axis, out_axis):
+  # Fan-in over the contracted axes only (d_model, or heads x head_dim for the output).
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
+class _Projection(nn.Module):
+  """x @ kernel, contracting x's last `len(in_dims)` axes; kernel [*in_dims, *out_dims].
+
+  The kernel is created at its full rank, so its logical names always match its shape.
+  """
+  in_dims: tuple[int, ...]
+  out_dims: tuple[int, ...]
+  axes: tuple[str, ...]
+  kernel_init: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        self.in_dims + self.out_dims, jnp.float32)
+    contract = len(self.in_dims)
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                               ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))),
+                                ((), ())))
+
+
 class MultiHeadDotProductAttention(nn.Module):
-  """T5 attention: no 1/sqrt(H) in the logits, folded into the query init instead."""
+  """T5 attention: no 1/sqrt(H) in the logits, folded into the query init instead.
+
+  Params `query`, `key`, `value` [D, N, H] and `out` [N, H, D] (flaxformer's names and shapes).
+  """
   num_heads: int
   head_dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   float32_logits: bool = True
-  kernel_init: Any = default_kernel_init
 
   @nn.compact
   def __call__(self, x_q_BLD, x_kv_BMD, bias_BNLM, deterministic: bool = True):
+    d_model, heads = x_q_BLD.shape[-1], (self.num_heads, self.head_dim)
+    in_init = _projection_init(0, (1, 2))
+
     def query_init(key, shape, dtype=jnp.float32):
-      return self.kernel_init(key, shape, dtype) / np.sqrt(self.head_dim).astype(dtype)
+      return in_init(key, shape, dtype) / np.sqrt(self.head_dim).astype(dtype)
 
     def projection(name, init):
-      return nn.DenseGeneral(
-          (self.num_heads, self.head_dim), use_bias=False, dtype=self.dtype,
-          param_dtype=jnp.float32,
-          kernel_init=nn.with_logical_partitioning(init, ("embed", "heads", "kv")), name=name)
+      return _Projection((d_model,), heads, ("embed", "heads", "kv"), init, self.dtype,
+                         name=name)
 
     q_BLNH = projection("query", query_init)(x_q_BLD)
-    k_BMNH = projection("key", self.kernel_init)(x_kv_BMD)
-    v_BMNH = projection("value", self.kernel_init)(x_kv_BMD)
+    k_BMNH = projection("key", in_init)(x_kv_BMD)
+    v_BMNH = projection("value", in_init)(x_kv_BMD)
     q_BLNH = nn.with_logical_constraint(q_BLNH, ("batch", "length", "heads", "kv"))
     if self.float32_logits:
       q_BLNH, k_BMNH = q_BLNH.astype(jnp.float32), k_BMNH.astype(jnp.float32)
@@ -105,8 +134,5 @@ class MultiHeadDotProductAttention(nn.Module):
     weights_BNLM = jax.nn.softmax(logits_BNLM, axis=-1).astype(self.dtype)
     weights_BNLM = nn.Dropout(self.dropout_rate)(weights_BNLM, deterministic=deterministic)
     out_BLNH = jnp.einsum("BNLM,BMNH->BLNH", weights_BNLM, v_BMNH)
-    return nn.DenseGeneral(
-        x_q_BLD.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
-        name="out")(out_BLNH)
+    return _Projection(heads, (d_model,), ("heads", "kv", "embed"),
+                       _projection_init((0, 1), 2), self.dtype, name="out")(out_BLNH)

@@ -1,61 +1,60 @@
-"""Quickstart: build configs/models/switch_tiny.gin, run one forward + backward pass on a random
-batch, and print parameter counts and per-layer routing metrics.
+"""Quickstart: train configs/models/switch_tiny.gin on tiny_shakespeare_lm for a few hundred
+steps on CPU, then print where metrics, checkpoints and TensorBoard logs are, and a sample.
 
-  python scripts/quickstart.py [--gin_file=...] [--gin.NAME=VALUE ...]
+  python scripts/quickstart.py [--gin.TRAIN_STEPS=400] [--gin.MODEL_DIR="'runs/quickstart'"] ...
+
+Running it again resumes from the last checkpoint (and finishes at once if already done).
 """
 
 import os
 import sys
-import time
+
+import gin
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import flax.linen as nn  # noqa: E402
-
-from moe_jax import gin_utils, objectives  # noqa: E402
-from moe_jax.layers.routing import ROUTING_RNG  # noqa: E402
+from moe_jax import gin_utils, inference  # noqa: E402
+from moe_jax.data import get_vocabulary  # noqa: E402
+from moe_jax.data.prepare import prepare_tiny_shakespeare  # noqa: E402
 from moe_jax.models import build_network  # noqa: E402
 from moe_jax.models.summary import format_summary, summarize  # noqa: E402
+from moe_jax.train import trainer  # noqa: E402
+from moe_jax.train.partitioning import make_mesh  # noqa: E402
+
+DEFAULTS = [
+    "--gin_file=models/switch_tiny.gin",
+    "--gin_file=runs/pretrain.gin",
+    "--gin.MODEL_DIR='runs/quickstart'",
+    "--gin.TRAIN_STEPS=400",
+    "--gin.BATCH_SIZE=16",
+    "--gin.TASK_FEATURE_LENGTHS={'targets': 128}",
+    "--gin.LOG_EVERY=50",
+    "--gin.CHECKPOINT_PERIOD=200",
+    "--gin.EVAL_PERIOD=200",
+]
+PROMPTS = ["ROMEO:\n", "First Citizen:\n"]
 
 
 def main(argv):
-  if not any(a.startswith("--gin_file") for a in argv):
-    argv = ["--gin_file=models/switch_tiny.gin"] + list(argv)
-  gin_utils.parse_flags(argv)
+  print(f"TFDS tiny_shakespeare: {prepare_tiny_shakespeare()}")
+  has_files = any(a.startswith("--gin_file") for a in argv)
+  defaults = [d for d in DEFAULTS if not (has_files and d.startswith("--gin_file"))]
+  gin_utils.parse_flags(defaults + list(argv))
+  print(format_summary(summarize(build_network())), flush=True)
+  trainer.train()
+
+  model_dir = os.path.abspath(gin.query_parameter("%MODEL_DIR"))
   network = build_network()
-  print(format_summary(summarize(network)))
-
-  batch_size, length = 8, 64
-  rng = jax.random.key(0)
-  tokens = jax.random.randint(rng, (batch_size, length), 1, network.vocab_size)
-  batch = {k: tokens for k in network.example_batch(batch_size, length)}
-  # Teacher forcing: the decoder sees the targets shifted right behind a 0 (BOS).
-  batch["decoder_input_tokens"] = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
-  batch["decoder_target_tokens"] = tokens
-  params = nn.unbox(network.init(rng, **network.example_batch(batch_size, length))["params"])
-
-  @jax.jit
-  def loss_and_grads(params, rng):
-    rngs = {"dropout": rng, ROUTING_RNG: rng}
-    return jax.value_and_grad(
-        lambda p: objectives.compute_loss(network, p, batch, rngs=rngs, enable_dropout=True),
-        has_aux=True)(params)
-
-  start = time.perf_counter()
-  (loss, terms), grads = loss_and_grads(params, rng)
-  jax.block_until_ready(grads)
-  print(f"\nforward + backward (compile included): {time.perf_counter() - start:.2f}s")
-  grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-  print(f"loss {float(loss):.4f} = cross entropy {float(terms['cross_entropy']):.4f} + aux "
-        f"{float(terms['aux_loss']):.5f} + router z {float(terms['z_loss']):.5f}; "
-        f"grad norm {float(grad_norm):.4f}")
-  print(f"fraction of tokens dropped {float(terms['fraction_dropped']):.4f}, "
-        f"router confidence {float(terms['router_confidence']):.4f}")
-  for name, load in terms.items():
-    if name.startswith("expert_load/"):
-      print(f"{name:32} " + " ".join(f"{float(x):.3f}" for x in load))
+  params = inference.load_params_onto_mesh(network, model_dir, make_mesh((1, 1, 1)))
+  samples = inference.generate_text(network, params, get_vocabulary(), PROMPTS,
+                                    max_decode_length=160, temperature=0.8)
+  print("\nSamples (temperature 0.8):")
+  for prompt, text in zip(PROMPTS, samples):
+    print(f"---\n{prompt}{text}")
+  print(f"\nmetrics:     {model_dir}/metrics.jsonl\n"
+        f"checkpoints: {model_dir}/checkpoints\n"
+        f"tensorboard: tensorboard --logdir {model_dir}/tensorboard\n"
+        f"next: see README.md (evaluate, infer, fine-tune on multi30k)")
 
 
 if __name__ == "__main__":

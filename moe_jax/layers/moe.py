@@ -98,12 +98,16 @@ class MoeLayer(nn.Module):
     self.sow(MOE_STATS, "router_stats", routes.stats)
 
     dispatch, combine = dispatch_lib.BACKENDS[self.dispatch]
-    x_EGCD = dispatch(x_GSD.astype(self.dtype), routes)
-    # All-to-all: groups move from ('data', 'expert') shards to 'data' only, experts onto 'expert'.
-    x_EGCD = nn.with_logical_constraint(x_EGCD, ("expert", "expert_group", "unmodeled", "embed"))
-    y_EGCD = self.expert(x_EGCD, deterministic=deterministic)
-    y_EGCD = nn.with_logical_constraint(y_EGCD, ("expert", "expert_group", "unmodeled", "embed"))
-    # All-to-all back: experts leave 'expert', groups return to the batch shards.
+    local_axes = (None, "batch", None, "embed")  # the buffers of this shard's groups
+    expert_axes = ("expert", "expert_group", "unmodeled", "embed")
+    x_EGCD = nn.with_logical_constraint(dispatch(x_GSD.astype(self.dtype), routes), local_axes)
+    # All-to-all: groups go from ('data', 'expert') shards to 'data' only, experts onto 'expert'.
+    x_EGCD = nn.with_logical_constraint(x_EGCD, expert_axes)
+    y_EGCD = nn.with_logical_constraint(self.expert(x_EGCD, deterministic=deterministic),
+                                        expert_axes)
+    # All-to-all back: experts leave 'expert', groups return to their batch shards; the
+    # combine then runs on local data.
+    y_EGCD = nn.with_logical_constraint(y_EGCD, local_axes)
     y_GSD = nn.with_logical_constraint(combine(y_EGCD, routes, group_size),
                                        ("batch", "unmodeled", "embed"))
     return y_GSD.reshape(batch, length, d_model).astype(x_BLD.dtype)

@@ -53,10 +53,14 @@ class Checkpointer:
     """How many batches the data iterator had yielded when `step` was saved."""
     return int(self._meta(step)["batches_consumed"])
 
-  def check_compatible(self, step: int, abstract_state) -> None:
-    """Raise ValueError naming the parameters whose shapes differ from the stored ones."""
+  def check_compatible(self, step: int, params) -> None:
+    """Raise ValueError naming the parameters whose shapes differ from the stored ones.
+
+    `params`: this model's (abstract) params; only names and shapes are read, so the trainer
+    calls this before anything is compiled.
+    """
     stored_shapes = self._meta(step)["param_shapes"]
-    ours = shape_table(abstract_state.params)
+    ours = shape_table(params)
     if stored_shapes != ours:
       diff = sorted(k for k in set(stored_shapes) | set(ours)
                     if stored_shapes.get(k) != ours.get(k))
@@ -68,7 +72,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """The state saved at `step`; arrays land with the shardings of `abstract_state`."""
-    self.check_compatible(step, abstract_state)
+    self.check_compatible(step, abstract_state.params)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
@@ -99,14 +103,20 @@ def resolve_checkpoint_path(path: str) -> tuple[str, int]:
 
 
 def load_params(path: str) -> dict:
-  """Params of the checkpoint at `path` (see resolve_checkpoint_path) as host numpy arrays."""
+  """Params of the checkpoint at `path` (see resolve_checkpoint_path) as host numpy arrays.
+
+  Reads only the params (not the optimizer state), straight into host memory: this works
+  whatever devices the checkpoint was saved from (restoring it as jax arrays without target
+  shardings fails with orbax's "Topology mismatch" on another device count).
+  """
   directory, step = resolve_checkpoint_path(path)
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
-  params = state["params"] if isinstance(state, dict) else state.params
-  return jax.tree.map(np.asarray, params)
+  state_dir = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  item = {"params": checkpointer.metadata(state_dir).item_metadata.tree["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+  return jax.tree.map(np.asarray, restored["params"])
 
 
 _EXPERT_KERNEL = re.compile(r"^(.*)/mlp/expert/(wi|wi_\d+|wo)/kernel$")

@@ -99,3 +99,9 @@ def build_optimizer(optimizer: optax.GradientTransformation = gin.REQUIRED,
 
 def learning_rate_of(schedule_or_value, step):
   return schedule_or_value(step) if callable(schedule_or_value) else schedule_or_value
+
+
+@gin.configurable(module="moe_jax.train.optimizers")
+def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
+  """A constant rate (T5 fine-tuning: Adafactor at 1e-3)."""
+  return optax.constant_schedule(learning_rate)

@@ -1,12 +1,15 @@
 """Device mesh ("data", "expert", "model") and THE table of logical -> mesh axis rules.
 
 GSPMD ("pjit") style: every parameter and large activation carries logical axis names; this
-file alone maps them to mesh axes. Activation constraints only apply under `jax.set_mesh(mesh)`
-(the legacy `with Mesh(...)` context silently drops them), so the trainer traces under it.
+file alone maps them to mesh axes. Activation constraints only apply when BOTH a mesh is set
+with `jax.set_mesh(mesh)` (the legacy `with Mesh(...)` context silently drops them) AND the
+rules are active (`axis_rules()`: flax's `with_logical_constraint` is a no-op without rules).
+The trainer traces its steps under both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any, Sequence
@@ -35,6 +38,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("unmodeled", None),
     ("relpos_buckets", None),
 )
+
+
+@contextlib.contextmanager
+def axis_rules():
+  """Makes every `nn.with_logical_constraint` traced inside use LOGICAL_AXIS_RULES.
+
+  Together with `jax.set_mesh(mesh)` this is what turns the MoE layer's activation constraints
+  into real sharding constraints (and the expert all-to-all); without a mesh they stay no-ops.
+  """
+  with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:

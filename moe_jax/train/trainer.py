@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import objectives
 from moe_jax.layers.routing import ROUTING_RNG
@@ -55,10 +56,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     return objectives.compute_loss(network, params, batch, rngs=rngs, enable_dropout=True,
                                    logit_z_loss=logit_z_loss)
 
-  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  with partitioning.axis_rules():  # activation constraints (under jax.set_mesh): all-to-all
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(terms, grad_norm=optax.global_norm(grads))
+  # param_norm: the loop refuses (never checkpoints) a state whose new params are not finite.
+  metrics = dict(terms, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
   if schedule is not None:
     metrics["learning_rate"] = schedule(state.step)
   return TrainState(state.step + 1, params, opt_state), metrics
@@ -67,7 +70,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 def eval_step(params, batch: Mapping[str, jax.Array], *, network: nn.Module,
               logit_z_loss: float = 0.0):
   """Loss terms with dropout off and the eval capacity factor."""
-  _, terms = objectives.compute_loss(network, params, batch, logit_z_loss=logit_z_loss)
+  with partitioning.axis_rules():
+    _, terms = objectives.compute_loss(network, params, batch, logit_z_loss=logit_z_loss)
   return terms
 
 
@@ -82,14 +86,52 @@ def _init_fn(network, optimizer):
   return init
 
 
+def _opt_state_sharding(leaf, param, sharding, mesh):
+  """An optimizer-state leaf beside `param` (same tree path) is sharded like it.
+
+  Same shape (Adam moments, unfactored Adafactor v): the param's sharding. One axis fewer
+  (Adafactor's factored v_row / v_col): the param's spec without that axis, so an expert
+  kernel's [E, D] / [E, F] statistics stay on the expert axis. Anything else: replicated.
+  """
+  if leaf.shape == param.shape:
+    return sharding
+  spec = tuple(sharding.spec) + (None,) * (param.ndim - len(sharding.spec))
+  if leaf.ndim == param.ndim - 1:
+    for axis in reversed(range(param.ndim)):
+      if param.shape[:axis] + param.shape[axis + 1:] == leaf.shape:
+        return NamedSharding(mesh, P(*(spec[:axis] + spec[axis + 1:])))
+  return partitioning.replicated(mesh)
+
+
 def state_shardings(network, optimizer, mesh):
-  """Shardings of TrainState: params from the logical rules, optimizer state propagated."""
+  """Shardings of TrainState: params from the logical rules, optimizer state like its params.
+
+  Optimizer-state leaves are matched to params by their trailing dict keys (the param path
+  inside the state tree, e.g. `...v/decoder/layers_1/mlp/expert/wi/kernel`); counts and
+  other scalars are replicated. (Leaving them to XLA's propagation replicated them all, expert
+  moments included, on every device.) No compilation happens here.
+  """
   boxed = jax.eval_shape(lambda: network.init(jax.random.key(0), **network.example_batch(1, 8)))
   param_shardings = partitioning.logical_shardings(boxed["params"], mesh)
-  compiled = jax.jit(_init_fn(network, optimizer),
-                     out_shardings=TrainState(partitioning.replicated(mesh), param_shardings,
-                                              None)).lower(jax.random.key(0)).compile()
-  return compiled.output_shardings
+  shapes = jax.eval_shape(_init_fn(network, optimizer), jax.random.key(0))
+  param_paths, _ = jax.tree_util.tree_flatten_with_path(shapes.params)
+  by_keys = {tuple(k.key for k in path): (leaf, sharding) for (path, leaf), sharding in zip(
+      param_paths, jax.tree.leaves(param_shardings))}
+
+  def opt_leaf_sharding(path, leaf):
+    keys = []
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      keys.insert(0, entry.key)
+    for start in range(len(keys)):  # the longest trailing key path that names a param
+      if tuple(keys[start:]) in by_keys:
+        param, sharding = by_keys[tuple(keys[start:])]
+        return _opt_state_sharding(leaf, param, sharding, mesh)
+    return partitioning.replicated(mesh)
+
+  opt_shardings = jax.tree_util.tree_map_with_path(opt_leaf_sharding, shapes.opt_state)
+  return TrainState(partitioning.replicated(mesh), param_shardings, opt_shardings)
 
 
 def abstract_state(network, optimizer, shardings):
@@ -113,7 +155,7 @@ def state_from_params(params, optimizer, shardings):
 # Data.
 
 
-def _input_batches(task, feature_lengths, split, batch_size, *, shuffle, seed, num_epochs,
+def input_batches(task, feature_lengths, split, batch_size, *, shuffle, seed, num_epochs,
                    skip_batches=0, pack=True):
   """Host numpy batches of this process's shard (imports TensorFlow/seqio lazily)."""
   import seqio  # pylint: disable=g-import-not-at-top
@@ -144,7 +186,7 @@ def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def _mean_metrics(history: Sequence[Mapping[str, Any]], weight_key: str = "num_tokens"):
+def mean_metrics(history: Sequence[Mapping[str, Any]], weight_key: str = "num_tokens"):
   """Token-weighted mean of per-batch metrics (num_tokens itself is summed)."""
   weights = np.array([float(m[weight_key]) for m in history])
   total = max(weights.sum(), 1.0)
@@ -205,11 +247,19 @@ def train(model_dir: str = gin.REQUIRED,
   initial_params = None
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep_checkpoints, async_checkpoints)
   resume_step = checkpointer.latest_step()
-  if resume_step is None and initial_checkpoint_path:
-    initial_params = ckpt_lib.load_params(initial_checkpoint_path)
+  try:
+    if resume_step is not None:  # a MODEL_DIR of another model fails here, before compiling
+      checkpointer.check_compatible(resume_step, jax.eval_shape(
+          lambda: nn.unbox(network.init(jax.random.key(0), **network.example_batch(1, 8)))
+      )["params"])
+    elif initial_checkpoint_path:
+      initial_params = ckpt_lib.load_params(initial_checkpoint_path)
+  except (ValueError, FileNotFoundError):
+    checkpointer.close()
+    raise
   batches_consumed = 0 if resume_step is None else checkpointer.batches_consumed(resume_step)
   # Building the input pipeline now surfaces missing or empty data before any compilation.
-  batches = _input_batches(mixture_or_task_name, task_feature_lengths, "train", batch_size,
+  batches = input_batches(mixture_or_task_name, task_feature_lengths, "train", batch_size,
                            shuffle=True, seed=seed, num_epochs=None,
                            skip_batches=batches_consumed, pack=pack)
   is_chief = jax.process_index() == 0
@@ -246,13 +296,13 @@ def train(model_dir: str = gin.REQUIRED,
 
     def evaluate(params) -> dict:
       history = []
-      for i, batch in enumerate(_input_batches(
+      for i, batch in enumerate(input_batches(
           mixture_or_task_name, task_feature_lengths, eval_split, batch_size, shuffle=False,
           seed=seed, num_epochs=1, pack=pack)):
         if i >= eval_steps:
           break
         history.append(jax.device_get(eval_fn(params, to_global(batch, data_sharding))))
-      return _mean_metrics(history) if history else {}
+      return mean_metrics(history) if history else {}
 
     # --- Train. ----------------------------------------------------------------------------
     progress = Progress(train_steps, start_step)
@@ -267,17 +317,17 @@ def train(model_dir: str = gin.REQUIRED,
                         ("encoder_input_tokens", "decoder_target_tokens") if k in host_batch))
       state, metrics = step_fn(state, to_global(host_batch, data_sharding), rng)
       metrics = jax.device_get(metrics)
-      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+      if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
         checkpointer.close()
         raise FloatingPointError(
-            f"non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step "
-            f"{step + 1}; stopping without checkpointing this state (last checkpoint: "
-            f"{checkpointer.latest_step()})")
+            f"non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']} / norm of "
+            f"the updated params {metrics['param_norm']} at step {step + 1}; stopping without "
+            f"checkpointing this state (last checkpoint: {checkpointer.latest_step()})")
       history.append(metrics)
       done = step + 1
       if done % log_every == 0 or done == train_steps:
         elapsed = time.time() - interval_start
-        last = _mean_metrics(history)
+        last = mean_metrics(history)
         last["tokens_per_second"] = tokens / max(elapsed, 1e-9)
         record = writer.write(done, last)
         if is_chief:

@@ -1,0 +1,177 @@
+"""Evaluation (loss, accuracy, BLEU for translation) and inference from a checkpoint.
+
+Both entry points are gin-configurable and back `scripts/eval.py` / `scripts/infer.py`.
+Predictions go to a JSON-lines file: {"inputs", "target", "prediction"} per example.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Mapping, Optional, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import decoding
+from moe_jax.models import build_network
+from moe_jax.train import checkpoints as ckpt_lib
+from moe_jax.train import partitioning
+from moe_jax.train.trainer import eval_step, input_batches, mean_metrics
+
+
+def load_params_onto_mesh(network, checkpoint_path: str, mesh):
+  """Checkpoint params placed with the logical-rule shardings of `mesh` (shapes checked)."""
+  params = ckpt_lib.load_params(checkpoint_path)
+  boxed = jax.eval_shape(lambda: network.init(jax.random.key(0), **network.example_batch(1, 8)))
+  expected = ckpt_lib.shape_table(nn.unbox(boxed["params"]))
+  if ckpt_lib.shape_table(params) != expected:
+    raise ValueError(f"checkpoint {checkpoint_path!r} does not hold this model's parameters "
+                     f"(names or shapes differ); check the --gin_file model config")
+  return jax.device_put(params, partitioning.logical_shardings(boxed["params"], mesh))
+
+
+def _task_info(task: str):
+  import seqio  # pylint: disable=g-import-not-at-top
+  from moe_jax import data  # pylint: disable=g-import-not-at-top  (registers the tasks)
+  data.get_feature_converter(task)  # clear error for unknown names
+  features = seqio.get_mixture_or_task(task).output_features
+  return "inputs" in features, features["targets"].vocabulary
+
+
+def _batches(task, lengths, split, batch_size, *, pack, seed=0):
+  return input_batches(task, lengths, split, batch_size, shuffle=False, seed=seed,
+                       num_epochs=1, pack=pack)
+
+
+def _text(vocab, tokens) -> str:
+  tokens = [int(t) for t in tokens if int(t) > 0]
+  if vocab.eos_id in tokens:
+    tokens = tokens[:tokens.index(vocab.eos_id)]
+  return vocab.decode(tokens)
+
+
+def predict(network, params, batch: Mapping[str, np.ndarray], *, max_decode_length: int,
+            prompt_length: int = 0, temperature: float = 0.0, rng=None) -> np.ndarray:
+  """Decoded tokens for a batch: translation from encoder inputs, or LM continuation of the
+  first `prompt_length` target tokens."""
+  if "encoder_input_tokens" in batch:
+    fn = jax.jit(lambda p, enc, r: decoding.decode(
+        network, p, max_decode_length=max_decode_length, encoder_input_tokens=enc,
+        temperature=temperature, rng=r))
+    return np.asarray(fn(params, jnp.asarray(batch["encoder_input_tokens"]), rng))
+  prompt = np.asarray(batch["decoder_target_tokens"])[:, :prompt_length]
+  fn = jax.jit(lambda p, pr, r: decoding.decode(
+      network, p, max_decode_length=max_decode_length, prompt_BP=pr, temperature=temperature,
+      rng=r))
+  return np.asarray(fn(params, jnp.asarray(prompt), rng))
+
+
+@gin.configurable(module="moe_jax.inference")
+def evaluate(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: Mapping[str, int] = gin.REQUIRED, split: str = "validation",
+             batch_size: int = 32, max_batches: Optional[int] = None, bleu: Optional[bool] = None,
+             output_dir: Optional[str] = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> dict:
+  """Token-weighted loss / accuracy over a split and, for translation tasks, corpus BLEU of
+  greedy decodes; written to `<output_dir or checkpoint dir>/eval_<task>_<split>.json`."""
+  network = build_network()
+  has_inputs, vocab = _task_info(mixture_or_task_name)
+  mesh = partitioning.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh):
+    params = load_params_onto_mesh(network, checkpoint_path, mesh)
+    eval_fn = jax.jit(functools.partial(eval_step, network=network))
+    history = []
+    for i, batch in enumerate(_batches(mixture_or_task_name, task_feature_lengths, split,
+                                       batch_size, pack=True)):
+      if max_batches is not None and i >= max_batches:
+        break
+      history.append(jax.device_get(eval_fn(params, batch)))
+    if not history:
+      raise ValueError(f"{mixture_or_task_name!r} split {split!r} yielded no batch")
+    metrics = {k: v for k, v in mean_metrics(history).items() if np.ndim(v) == 0}
+    if has_inputs if bleu is None else bleu:
+      targets, predictions = [], []
+      for i, batch in enumerate(_batches(mixture_or_task_name, task_feature_lengths, split,
+                                         batch_size, pack=False)):
+        if max_batches is not None and i >= max_batches:
+          break
+        decoded = predict(network, params, batch,
+                          max_decode_length=task_feature_lengths["targets"])
+        targets += [_text(vocab, t) for t in batch["decoder_target_tokens"]]
+        predictions += [_text(vocab, p) for p in decoded]
+      from moe_jax import data  # pylint: disable=g-import-not-at-top
+      metrics.update(data.bleu(targets, predictions))
+  metrics = {k: float(v) for k, v in metrics.items()}
+  out_dir = output_dir or os.path.dirname(ckpt_lib.resolve_checkpoint_path(checkpoint_path)[0])
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"eval_{mixture_or_task_name}_{split}.json")
+  with open(path, "w") as f:
+    json.dump(metrics, f, indent=1)
+  print(json.dumps(metrics), f"\nwritten to {path}", flush=True)
+  return metrics
+
+
+@gin.configurable(module="moe_jax.inference")
+def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED, split: str = "test",
+          batch_size: int = 16, num_examples: Optional[int] = 64, prompt_length: int = 32,
+          temperature: float = 0.0, seed: int = 0, output_file: Optional[str] = None,
+          mesh_shape: Sequence[int] = (1, -1, 1)) -> str:
+  """Decodes `num_examples` of a split (greedy, or sampling with temperature > 0) and writes
+  {"inputs", "target", "prediction"} lines; returns the file's path."""
+  network = build_network()
+  has_inputs, vocab = _task_info(mixture_or_task_name)
+  if not has_inputs and not 0 < prompt_length < task_feature_lengths["targets"]:
+    raise ValueError(f"prompt_length must be in (0, {task_feature_lengths['targets']}) for a "
+                     f"language-model task, got {prompt_length}")
+  output_file = output_file or os.path.join(
+      os.path.dirname(ckpt_lib.resolve_checkpoint_path(checkpoint_path)[0]), "inference",
+      f"{mixture_or_task_name}_{split}.jsonl")
+  os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+  rng = jax.random.key(seed)
+  mesh = partitioning.make_mesh(mesh_shape)
+  written = 0
+  with jax.set_mesh(mesh), open(output_file, "w") as f:
+    params = load_params_onto_mesh(network, checkpoint_path, mesh)
+    for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
+                          pack=False, seed=seed):
+      rng, batch_rng = jax.random.split(rng)
+      decoded = predict(network, params, batch, max_decode_length=task_feature_lengths["targets"],
+                        prompt_length=prompt_length, temperature=temperature, rng=batch_rng)
+      for row, tokens in enumerate(decoded):
+        target = batch["decoder_target_tokens"][row]
+        if has_inputs:
+          inputs, prediction = _text(vocab, batch["encoder_input_tokens"][row]), tokens
+        else:
+          inputs, prediction = _text(vocab, target[:prompt_length]), tokens[prompt_length:]
+          target = target[prompt_length:]
+        f.write(json.dumps({"inputs": inputs, "target": _text(vocab, target),
+                            "prediction": _text(vocab, prediction)}) + "\n")
+        written += 1
+        if num_examples is not None and written >= num_examples:
+          break
+      if num_examples is not None and written >= num_examples:
+        break
+  print(f"{written} predictions written to {output_file}", flush=True)
+  return output_file
+
+
+def generate_text(network, params, vocab, prompts: Sequence[str], *, max_decode_length: int,
+                  temperature: float = 0.0, seed: int = 0) -> list[str]:
+  """Continuations of text prompts with a decoder-only LM (prompt excluded from the result)."""
+  encoded = [list(vocab.encode(p)) for p in prompts]
+  longest = max(len(e) for e in encoded)
+  if longest >= max_decode_length:
+    raise ValueError(f"prompts of up to {longest} tokens leave no room in "
+                     f"max_decode_length={max_decode_length}")
+  prompt = np.zeros((len(prompts), longest), np.int32)
+  for row, tokens in enumerate(encoded):
+    prompt[row, :len(tokens)] = tokens
+  decoded = predict(network, params, {"decoder_target_tokens": prompt},
+                    max_decode_length=max_decode_length, prompt_length=longest,
+                    temperature=temperature, rng=jax.random.key(seed))
+  return [_text(vocab, tokens[len(e):]) for tokens, e in zip(decoded, encoded)]

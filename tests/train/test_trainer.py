@@ -1,0 +1,135 @@
+"""trainer.train end to end on tiny Shakespeare: expert parallelism matches one device, exact
+resume, non-finite losses stop the run, metrics.jsonl / TensorBoard, incompatible MODEL_DIR."""
+
+import glob
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moe_jax.train import checkpoints as ckpt_lib
+from moe_jax.train import trainer
+from tests.train import tiny
+from tests.train.conftest import BASELINE_STEPS
+
+
+def test_expert_parallel_run_matches_single_device(baseline_dir, tmp_path):
+  """Mesh (2, 4, 1): each device holds 2 of the 8 experts and 1 of the 8 sequences; same
+  groups, same routing, so the first 10 losses equal the one-device run's to 1e-4."""
+  tiny.train(tmp_path, BASELINE_STEPS, mesh_shape=(2, 4, 1))
+  single, sharded = tiny.read_metrics(baseline_dir), tiny.read_metrics(tmp_path)
+  assert [r["step"] for r in sharded] == list(range(1, BASELINE_STEPS + 1))
+  losses = np.array([r["loss"] for r in single])
+  assert np.ptp(losses) > 1e-2  # training moves the loss: the comparison is not vacuous
+  np.testing.assert_allclose([r["loss"] for r in sharded], losses, atol=1e-4, rtol=0)
+  for key in ("cross_entropy", "aux_loss", "accuracy", "fraction_dropped"):
+    np.testing.assert_allclose([r[key] for r in sharded], [r[key] for r in single],
+                               atol=1e-4, rtol=0, err_msg=key)
+  for key in (k for k in single[-1] if k.startswith("expert_load/")):
+    np.testing.assert_allclose(sharded[-1][key], single[-1][key], atol=1e-4, err_msg=key)
+
+
+def test_resume_is_exact(baseline_dir, tmp_path):
+  """5 steps, then a new train() to 10 in the same MODEL_DIR, with a leftover temporary
+  checkpoint dir of a LATER step that must be ignored: steps 6..10 equal the straight run's."""
+  tiny.train(tmp_path, 5)
+  checkpoints = tmp_path / ckpt_lib.CHECKPOINT_SUBDIR
+  assert sorted(os.listdir(checkpoints)) == ["5"]
+  junk = checkpoints / "8.orbax-checkpoint-tmp-1234567"  # what a SIGKILL mid-save leaves
+  (junk / "state").mkdir(parents=True)
+  (junk / "state" / "garbage").write_text("not a checkpoint")
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  assert checkpointer.latest_step() == 5
+  checkpointer.close()
+  assert ckpt_lib.resolve_checkpoint_path(str(tmp_path)) == (str(checkpoints), 5)
+
+  tiny.train(tmp_path, 10)
+  straight, resumed = tiny.read_metrics(baseline_dir), tiny.read_metrics(tmp_path)
+  assert [r["step"] for r in resumed] == list(range(1, 11))  # no step logged twice
+  np.testing.assert_allclose([r["loss"] for r in resumed[5:]],
+                             [r["loss"] for r in straight[5:]], atol=1e-6, rtol=0)
+  np.testing.assert_allclose([r["learning_rate"] for r in resumed],
+                             [r["learning_rate"] for r in straight], rtol=1e-7)
+  assert "10" in os.listdir(checkpoints)
+
+
+def test_metrics_jsonl_and_tensorboard(baseline_dir):
+  records = tiny.read_metrics(baseline_dir)
+  assert len(records) == BASELINE_STEPS
+  expected = {"step", "loss", "cross_entropy", "aux_loss", "z_loss", "accuracy",
+              "learning_rate", "tokens_per_second", "fraction_dropped",
+              "expert_load/decoder/layers_0/mlp", "expert_load/decoder/layers_1/mlp"}
+  for record in records:
+    assert expected <= set(record), expected - set(record)
+    loads = [k for k in record if k.startswith("expert_load/")]
+    assert len(loads) == 2  # one per MoE layer
+    for key in loads:  # fraction of tokens per expert (top-1): E entries summing to 1
+      assert len(record[key]) == tiny.EXPERTS
+      np.testing.assert_allclose(sum(record[key]), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(record["learning_rate"], tiny.LEARNING_RATE, rtol=1e-6)
+    assert record["tokens_per_second"] > 0
+    assert record["aux_loss"] > 0 and record["z_loss"] > 0
+    assert 0 <= record["accuracy"] <= 1 and 0 <= record["fraction_dropped"] <= 1
+    # loss = cross entropy + output-logit z-loss + the two (weighted) router losses
+    assert record["loss"] >= record["cross_entropy"] + record["aux_loss"] + record["z_loss"]
+  (evaluation,) = tiny.read_metrics(baseline_dir, prefix="eval/")
+  assert evaluation["step"] == BASELINE_STEPS
+  assert {"eval/loss", "eval/cross_entropy", "eval/accuracy", "eval/aux_loss",
+          "eval/expert_load/decoder/layers_0/mlp"} <= set(evaluation)
+  assert evaluation["eval/num_tokens"] == 2 * tiny.BATCH * tiny.LENGTH  # packed: no padding
+  assert np.isfinite(evaluation["eval/loss"]) and 0 <= evaluation["eval/accuracy"] <= 1
+  events = glob.glob(os.path.join(baseline_dir, "tensorboard", "train", "events.out.tfevents.*"))
+  assert events, os.listdir(baseline_dir)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = {value.tag for event_file in events
+          for event in tf.compat.v1.train.summary_iterator(event_file)
+          for value in event.summary.value}
+  assert {"loss", "cross_entropy", "learning_rate", "expert_load/decoder/layers_1/mlp/0"} <= tags
+  assert glob.glob(os.path.join(baseline_dir, "tensorboard", "eval", "events.out.tfevents.*"))
+
+
+def _nan_updates_at(step):
+  """An optax transformation that turns the updates of 1-based `step` into NaN."""
+  def init(params):
+    del params
+    return jnp.zeros((), jnp.int32)
+
+  def update(updates, count, params=None):
+    del params
+    updates = jax.tree.map(lambda u: jnp.where(count == step - 1, jnp.nan, u), updates)
+    return updates, count + 1
+  return optax.GradientTransformation(init, update)
+
+
+def test_non_finite_state_stops_without_checkpoint(tfds_dir, tmp_path):
+  """NaN params after step 3 (its own loss, computed before the update, is still finite):
+  FloatingPointError at step 3, and no checkpoint holds that state (checkpoint every step)."""
+  del tfds_dir
+  opt = optax.chain(tiny.optimizer(), _nan_updates_at(3))
+  with pytest.raises(FloatingPointError, match="at step 3"):
+    tiny.train(tmp_path, 6, opt=opt, checkpoint_period=1)
+  checkpoints = tmp_path / ckpt_lib.CHECKPOINT_SUBDIR
+  assert sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit()) == [1, 2]
+  params = ckpt_lib.load_params(str(tmp_path))
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+  assert [r["step"] for r in tiny.read_metrics(tmp_path)] == [1, 2]
+
+
+def test_incompatible_model_dir_fails_before_compiling(baseline_dir, tmp_path, monkeypatch):
+  """MODEL_DIR holds a checkpoint of 8-expert layers; this model has 4: a ValueError naming a
+  differing parameter, raised before anything is compiled or trained."""
+  shutil.copytree(os.path.join(baseline_dir, ckpt_lib.CHECKPOINT_SUBDIR),
+                  tmp_path / ckpt_lib.CHECKPOINT_SUBDIR)
+
+  def compiled(*args, **kwargs):
+    raise AssertionError("compilation started before the incompatible checkpoint was refused")
+  for name in ("state_shardings", "init_state", "abstract_state", "train_step"):
+    monkeypatch.setattr(trainer, name, compiled)
+  with pytest.raises(ValueError, match=r"decoder/layers_\d/mlp/expert/wi_0/kernel.*\[8, 16, 32\]"
+                                       r".*\[4, 16, 32\]"):
+    tiny.train(tmp_path, BASELINE_STEPS + 5, net=tiny.network(num_experts=4))
+  assert not os.path.exists(tmp_path / "metrics.jsonl")

@@ -9,7 +9,6 @@ from moe_jax import gin_utils, inference
 from moe_jax.data import get_vocabulary
 from moe_jax.models import build_network
 from moe_jax.train import trainer
-from moe_jax.train.partitioning import make_mesh
 
 LENGTHS = {"inputs": 32, "targets": 32}
 TINY = ["EMBED_DIM=16", "MLP_DIM=32", "NUM_HEADS=2", "HEAD_DIM=8"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 

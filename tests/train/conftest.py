@@ -1,31 +1,14 @@
-"""Fixtures of the training tests: tiny Shakespeare in a temp TFDS dir, a per-session
-persistent compilation cache (identical programs compile once per session), and the
+"""Fixtures of the training tests (tiny Shakespeare's `tfds_dir` is in tests/conftest.py): a
+per-session persistent compilation cache (identical programs compile once per session), and the
 baseline run several tests compare against."""
 
-import os
 
 import jax
 import pytest
 
-from moe_jax.data import paths
 from tests.train import tiny
 
 BASELINE_STEPS = 10
-
-
-@pytest.fixture(scope="session")
-def tfds_dir(tmp_path_factory):
-  """A TFDS data dir holding tiny_shakespeare, set as $MOE_JAX_TFDS_DIR for the session."""
-  source = paths.tiny_shakespeare_source()
-  if source is None or not os.path.exists(source):
-    pytest.skip(f"no local tiny Shakespeare text (${paths.TINY_SHAKESPEARE_ENV} or "
-                f"{paths.SHARED_DATA_DIR})")
-  from moe_jax.data.prepare import prepare_tiny_shakespeare  # pylint: disable=g-import-not-at-top
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  prepare_tiny_shakespeare(data_dir, source)
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv(paths.TFDS_DIR_ENV, data_dir)
-    yield data_dir
 
 
 CACHE_OPTIONS = {"jax_compilation_cache_dir": "JAX_COMPILATION_CACHE_DIR",

@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test quickstart clean
+.PHONY: install test quickstart data clean
 
 # Idempotent: re-installs only when setup.py changes.
 install: $(STAMP)
@@ -19,6 +19,11 @@ test: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
+
+# Builds TFDS tiny_shakespeare offline from ../shared/data (or downloads it); the quickstart
+# and training do this too when needed.
+data: $(STAMP)
+	$(PY) -m moe_jax.data.prepare
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 from typing import Sequence
@@ -38,8 +39,27 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
   for path in search_paths:
     gin.add_config_file_search_path(path)
   files = [_resolve(f, search_paths) for f in gin_files]
-  with _quiet_include_probing():
+  with _quiet_include_probing(), _no_namespace_package_includes():
     gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=True)
+
+
+@contextlib.contextmanager
+def _no_namespace_package_includes():
+  """gin also looks for `include 'runs/pretrain.gin'` inside a Python package named `runs`; when
+  a directory of that name sits on sys.path (a `runs/` MODEL_DIR in the working directory, say)
+  it is a namespace package without a file, and gin crashes with a TypeError. While parsing,
+  such packages count as not found, so the search goes on to our config directories."""
+  find_spec = importlib.util.find_spec
+
+  def find_spec_with_a_file(name, package=None):
+    spec = find_spec(name, package)
+    return spec if spec is None or spec.origin is not None else None
+
+  importlib.util.find_spec = find_spec_with_a_file
+  try:
+    yield
+  finally:
+    importlib.util.find_spec = find_spec
 
 
 class _DropPathNotFound(logging.Filter):

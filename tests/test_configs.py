@@ -138,3 +138,13 @@ def test_model_info_script_json():
           "decoder_sparse_layers"} <= set(info)
   assert info["moe_layers"][0]["num_experts"] == 64
   assert info["encoder_sparse_layers"] == [1, 3, 5, 7, 9, 11]
+
+
+def test_includes_resolve_beside_namespace_packages_of_the_same_name(tmp_path, monkeypatch):
+  """A `runs/` MODEL_DIR (or `models/` dir) on sys.path must not hijack gin's include search."""
+  for name in ("runs", "models", "architectures"):
+    (tmp_path / name).mkdir()
+  monkeypatch.syspath_prepend(str(tmp_path))
+  gin_utils.parse_gin(["models/switch_t5_tiny.gin", "runs/finetune.gin"],
+                      ["INITIAL_CHECKPOINT_PATH='x'", "MODEL_DIR='y'"])
+  assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "multi30k_en_de"

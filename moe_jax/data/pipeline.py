@@ -8,6 +8,7 @@ each row; segment ids (1, 2, ... per example, 0 on padding) and positions (resta
 each example) let attention and position biases keep them apart.
 """
 
+import logging
 from typing import Mapping, Optional
 
 import seqio
@@ -17,6 +18,17 @@ from moe_jax.data import tasks
 
 EncDecFeatureConverter = seqio.EncDecFeatureConverter
 LMFeatureConverter = seqio.LMFeatureConverter
+
+
+class _DropUncachedShuffleWarning(logging.Filter):
+  """seqio warns that an uncached FunctionDataSource reshuffles poorly on restarts. Ours shuffle
+  in the source with the pipeline seed, and a restart skips exactly the consumed batches."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Using an uncached FunctionDataset")
+
+
+logging.getLogger("absl").addFilter(_DropUncachedShuffleWarning())
 
 
 def _get_provider(name: str) -> seqio.DatasetProviderBase:

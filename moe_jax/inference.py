@@ -45,7 +45,7 @@ def _task_info(task: str):
 
 def _batches(task, lengths, split, batch_size, *, pack, seed=0):
   return input_batches(task, lengths, split, batch_size, shuffle=False, seed=seed,
-                       num_epochs=1, pack=pack)
+                       num_epochs=1, pack=pack, drop_remainder=False)  # the whole split
 
 
 def _text(vocab, tokens) -> str:

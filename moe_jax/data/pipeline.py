@@ -54,17 +54,19 @@ def get_dataset(mixture_or_task_name: str,
                 seed: Optional[int],
                 shard_info: Optional[seqio.ShardInfo] = None,
                 pack: bool = True,
-                num_epochs: Optional[int] = None) -> tf.data.Dataset:
+                num_epochs: Optional[int] = None,
+                drop_remainder: bool = True) -> tf.data.Dataset:
   """Batches {feature: int32 [batch_size, length]} of a registered task or mixture.
 
   task_feature_lengths: e.g. {"inputs": 512, "targets": 114} (span corruption: see
     `span_corruption_lengths`) or {"targets": 512} (LM); longer features are truncated.
-  batch_size: rows per batch for THIS process (the remainder is dropped).
+  batch_size: rows per batch for THIS process.
   shuffle, seed: the same seed gives the same batches (shuffle order and span-corruption
     noise); seed=None draws both at random.
   shard_info: `seqio.ShardInfo(jax.process_index(), jax.process_count())` in multi-process
     training; each process gets a disjoint 1/num_shards of the examples.
   num_epochs: None repeats forever (training); 1 for one pass (evaluation).
+  drop_remainder: False keeps a last, smaller batch (evaluation over a whole split).
   """
   provider = _get_provider(mixture_or_task_name)
   if split not in provider.splits:
@@ -74,7 +76,7 @@ def get_dataset(mixture_or_task_name: str,
   if missing:
     raise ValueError(f"task_feature_lengths of {mixture_or_task_name!r} needs a length for "
                      f"{sorted(missing)}, got {dict(task_feature_lengths)}.")
-  return seqio.get_dataset(
+  ds = seqio.get_dataset(
       provider,
       task_feature_lengths=dict(task_feature_lengths),
       feature_converter=get_feature_converter(mixture_or_task_name, pack=pack),
@@ -83,5 +85,6 @@ def get_dataset(mixture_or_task_name: str,
       num_epochs=num_epochs,
       shard_info=shard_info,
       seed=seed,
-      batch_size=batch_size,
+      batch_size=batch_size if drop_remainder else None,
       verbose=False)
+  return ds if drop_remainder else ds.batch(batch_size, drop_remainder=False)

@@ -154,14 +154,14 @@ def state_from_params(params, optimizer, shardings):
 
 
 def input_batches(task, feature_lengths, split, batch_size, *, shuffle, seed, num_epochs,
-                   skip_batches=0, pack=True):
+                  skip_batches=0, pack=True, drop_remainder=True):
   """Host numpy batches of this process's shard (imports TensorFlow/seqio lazily)."""
   import seqio  # pylint: disable=g-import-not-at-top
   from moe_jax import data  # pylint: disable=g-import-not-at-top
   local_batch = batch_size // jax.process_count()
   ds = data.get_dataset(task, feature_lengths, split, local_batch, shuffle=shuffle, seed=seed,
                         shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
-                        pack=pack, num_epochs=num_epochs)
+                        pack=pack, num_epochs=num_epochs, drop_remainder=drop_remainder)
   if skip_batches:
     ds = ds.skip(skip_batches)  # deterministic given the seed: exact resume
   return ds.as_numpy_iterator()

@@ -135,3 +135,12 @@ def test_missing_or_empty_multi30k_names_the_file(tmp_path, monkeypatch):
     f.write("eins\n")
   with pytest.raises(ValueError, match="not aligned.*2 lines.*1"):
     get_dataset(tasks.MULTI30K_EN_DE, lengths, "train", 2, False, 0)
+
+
+def test_keeping_the_remainder_covers_the_whole_split(multi30k_dir):
+  """Evaluation reads every example once: 1014 validation pairs in 63 batches of 16 + 1 of 6."""
+  del multi30k_dir
+  ds = get_dataset("multi30k_en_de", {"inputs": 64, "targets": 64}, "validation", 16,
+                   shuffle=False, seed=0, pack=False, num_epochs=1, drop_remainder=False)
+  sizes = [len(b["decoder_target_tokens"]) for b in ds.as_numpy_iterator()]
+  assert sizes == [16] * 63 + [6]

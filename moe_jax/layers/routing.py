@@ -185,6 +185,22 @@ def _fill_buffers(expert_A, token_A, gate_A, valid_A, num_experts, capacity):
   return scatter(token_A), scatter(jnp.where(valid_A, gate_A, 0.0)), scatter(kept_A), kept_A
 
 
+def top_k_experts(probs_GSE, k: int):
+  """(values, indices) of the k largest probabilities per token, like `jax.lax.top_k`.
+
+  Built from k argmax reductions: GSPMD partitions those over sharded groups, whereas it
+  all-gathers the whole [G, S, E] tensor for `lax.top_k`. Ties go to the lower expert index.
+  """
+  values, indices = [], []
+  for _ in range(k):
+    index_GS = jnp.argmax(probs_GSE, axis=-1)
+    values.append(jnp.take_along_axis(probs_GSE, index_GS[..., None], axis=-1)[..., 0])
+    indices.append(index_GS)
+    probs_GSE = jnp.where(jax.nn.one_hot(index_GS, probs_GSE.shape[-1], dtype=bool), -jnp.inf,
+                          probs_GSE)
+  return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1).astype(jnp.int32)
+
+
 class _TokensChoose(Router):
   """Each token picks its top-k experts; experts keep the first C choices in priority order.
 
@@ -205,7 +221,7 @@ class _TokensChoose(Router):
   def route(self, logits_GSE, mask_GS, capacity, deterministic):
     num_groups, group_size, num_experts = logits_GSE.shape
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-    gate_GSK, expert_GSK = jax.lax.top_k(probs_GSE, self.k)
+    gate_GSK, expert_GSK = top_k_experts(probs_GSE, self.k)
     top1_GS = gate_GSK[..., 0]
     if self.renormalize:  # Mixtral / DeepSeek: weights sum to 1 over the chosen k.
       gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)

@@ -424,3 +424,14 @@ def test_unknown_second_expert_policy():
 def test_negative_jitter(cls):
   with pytest.raises(ValueError, match="jitter_noise"):
     cls(jitter_noise=-0.1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_experts_equals_lax_top_k(k):
+  """Same values and indices as jax.lax.top_k, ties (uniform rows) included."""
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (3, 16, 4)), axis=-1)
+  probs = probs.at[1].set(0.25)  # a group of exact ties
+  values, indices = routing.top_k_experts(probs, k)
+  ref_values, ref_indices = jax.lax.top_k(probs, k)
+  np.testing.assert_array_equal(indices, ref_indices)
+  np.testing.assert_array_equal(values, ref_values)

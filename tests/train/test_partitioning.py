@@ -136,4 +136,7 @@ def test_expert_sharded_train_step_compiles_to_all_to_all():
                    donate_argnums=(0,))  # exactly as trainer.train jits it
     hlo = step.lower(trainer.abstract_state(net, opt, shardings), batch,
                      jax.random.key(0)).compile().as_text()
-  assert "all-to-all" in hlo
+  # Per MoE layer (tiny has 2): one all-to-all into the experts and one back, forward and
+  # backward; routing and dispatch stay local to each shard's groups (no all-gather).
+  assert hlo.count(" all-to-all(") == 8
+  assert " all-gather(" not in hlo

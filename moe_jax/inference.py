@@ -19,6 +19,7 @@ import numpy as np
 
 from moe_jax import decoding
 from moe_jax.models import build_network
+from moe_jax.models.summary import abstract_variables
 from moe_jax.train import checkpoints as ckpt_lib
 from moe_jax.train import partitioning
 from moe_jax.train.trainer import eval_step, input_batches, mean_metrics
@@ -27,7 +28,7 @@ from moe_jax.train.trainer import eval_step, input_batches, mean_metrics
 def load_params_onto_mesh(network, checkpoint_path: str, mesh):
   """Checkpoint params placed with the logical-rule shardings of `mesh` (shapes checked)."""
   params = ckpt_lib.load_params(checkpoint_path)
-  boxed = jax.eval_shape(lambda: network.init(jax.random.key(0), **network.example_batch(1, 8)))
+  boxed = abstract_variables(network)
   expected = ckpt_lib.shape_table(nn.unbox(boxed["params"]))
   if ckpt_lib.shape_table(params) != expected:
     raise ValueError(f"checkpoint {checkpoint_path!r} does not hold this model's parameters "

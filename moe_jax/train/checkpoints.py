@@ -5,13 +5,15 @@ Each step directory holds two items: "state" (params, optimizer state, step) and
 the number of batches the data iterator has consumed, and every parameter's shape, so a
 MODEL_DIR holding an incompatible model is refused with a clear message before compilation).
 Saves are atomic (orbax renames a finished temporary directory), so a run killed mid-save
-leaves a `*.orbax-checkpoint-tmp*` directory that is never picked up and is cleaned up later.
+leaves a `*.orbax-checkpoint-tmp*` directory that is never picked up and is deleted when the
+directory is next opened.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 from typing import Optional
 
 import jax
@@ -27,15 +29,28 @@ def shape_table(params) -> dict[str, list[int]]:
   return {k: list(np.shape(v)) for k, v in sorted(flat.items())}
 
 
+def remove_unfinished_saves(directory: str) -> None:
+  """Deletes what killed saves left (`<step>.orbax-checkpoint-tmp*`), on the primary process.
+
+  Done here, synchronously, rather than by orbax's `cleanup_tmp_directories`, whose background
+  deletion races with a second manager opened on the same directory.
+  """
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` (async saves, keep the newest `max_to_keep`)."""
 
   def __init__(self, model_dir: str, max_to_keep: Optional[int] = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR)
+    remove_unfinished_saves(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             cleanup_tmp_directories=True,
                                              enable_async_checkpointing=async_save))
 
   def latest_step(self) -> Optional[int]:

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax import objectives
 from moe_jax.layers.routing import ROUTING_RNG
 from moe_jax.models import build_network
+from moe_jax.models.summary import abstract_variables
 from moe_jax.train import checkpoints as ckpt_lib
 from moe_jax.train import partitioning
 from moe_jax.train.metrics import MetricsWriter, Progress
@@ -109,7 +110,7 @@ def state_shardings(network, optimizer, mesh):
   other scalars are replicated. (Leaving them to XLA's propagation replicated them all, expert
   moments included, on every device.) No compilation happens here.
   """
-  boxed = jax.eval_shape(lambda: network.init(jax.random.key(0), **network.example_batch(1, 8)))
+  boxed = abstract_variables(network)
   param_shardings = partitioning.logical_shardings(boxed["params"], mesh)
   shapes = jax.eval_shape(_init_fn(network, optimizer), jax.random.key(0))
   param_paths, _ = jax.tree_util.tree_flatten_with_path(shapes.params)
@@ -247,9 +248,8 @@ def train(model_dir: str = gin.REQUIRED,
   resume_step = checkpointer.latest_step()
   try:
     if resume_step is not None:  # a MODEL_DIR of another model fails here, before compiling
-      checkpointer.check_compatible(resume_step, jax.eval_shape(
-          lambda: nn.unbox(network.init(jax.random.key(0), **network.example_batch(1, 8)))
-      )["params"])
+      checkpointer.check_compatible(resume_step,
+                                    nn.unbox(abstract_variables(network)["params"]))
     elif initial_checkpoint_path:
       initial_params = ckpt_lib.load_params(initial_checkpoint_path)
   except (ValueError, FileNotFoundError):

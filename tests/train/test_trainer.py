@@ -44,6 +44,7 @@ def test_resume_is_exact(baseline_dir, tmp_path):
   (junk / "state" / "garbage").write_text("not a checkpoint")
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   assert checkpointer.latest_step() == 5
+  assert not junk.exists()  # deleted on opening, before anything could read it
   checkpointer.close()
   assert ckpt_lib.resolve_checkpoint_path(str(tmp_path)) == (str(checkpoints), 5)
 

@@ -66,3 +66,8 @@ def decode(network: nn.Module, params, *, max_decode_length: int, prompt_BP=None
                                       (tokens_BT, jnp.zeros((batch,), bool), rng))
   return tokens_BT
 
+
+# Compiled once per (network, length, temperature, EOS) and batch shape: evaluation and
+# inference call it batch after batch.
+decode_jit = jax.jit(decode, static_argnames=("network", "max_decode_length", "temperature",
+                                              "eos_id"))

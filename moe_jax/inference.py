@@ -7,6 +7,7 @@ Predictions go to a JSON-lines file: {"inputs", "target", "prediction"} per exam
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 from typing import Mapping, Optional, Sequence
@@ -44,9 +45,11 @@ def _task_info(task: str):
   return "inputs" in features, features["targets"].vocabulary
 
 
-def _batches(task, lengths, split, batch_size, *, pack, seed=0):
-  return input_batches(task, lengths, split, batch_size, shuffle=False, seed=seed,
-                       num_epochs=1, pack=pack, drop_remainder=False)  # the whole split
+def _batches(task, lengths, split, batch_size, *, pack, seed=0, max_batches=None):
+  """One pass over the whole split (a last, smaller batch is kept), at most max_batches."""
+  return itertools.islice(input_batches(task, lengths, split, batch_size, shuffle=False,
+                                        seed=seed, num_epochs=1, pack=pack,
+                                        drop_remainder=False), max_batches)
 
 
 def _text(vocab, tokens) -> str:
@@ -61,15 +64,14 @@ def predict(network, params, batch: Mapping[str, np.ndarray], *, max_decode_leng
   """Decoded tokens for a batch: translation from encoder inputs, or LM continuation of the
   first `prompt_length` target tokens."""
   if "encoder_input_tokens" in batch:
-    fn = jax.jit(lambda p, enc, r: decoding.decode(
-        network, p, max_decode_length=max_decode_length, encoder_input_tokens=enc,
-        temperature=temperature, rng=r))
-    return np.asarray(fn(params, jnp.asarray(batch["encoder_input_tokens"]), rng))
-  prompt = np.asarray(batch["decoder_target_tokens"])[:, :prompt_length]
-  fn = jax.jit(lambda p, pr, r: decoding.decode(
-      network, p, max_decode_length=max_decode_length, prompt_BP=pr, temperature=temperature,
-      rng=r))
-  return np.asarray(fn(params, jnp.asarray(prompt), rng))
+    decoded = decoding.decode_jit(network, params, max_decode_length=max_decode_length,
+                                  encoder_input_tokens=jnp.asarray(batch["encoder_input_tokens"]),
+                                  temperature=temperature, rng=rng)
+  else:
+    prompt = jnp.asarray(np.asarray(batch["decoder_target_tokens"])[:, :prompt_length])
+    decoded = decoding.decode_jit(network, params, max_decode_length=max_decode_length,
+                                  prompt_BP=prompt, temperature=temperature, rng=rng)
+  return np.asarray(decoded)
 
 
 @gin.configurable(module="moe_jax.inference")
@@ -86,20 +88,16 @@ def evaluate(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gi
     params = load_params_onto_mesh(network, checkpoint_path, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, network=network))
     history = []
-    for i, batch in enumerate(_batches(mixture_or_task_name, task_feature_lengths, split,
-                                       batch_size, pack=True)):
-      if max_batches is not None and i >= max_batches:
-        break
+    for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
+                          pack=True, max_batches=max_batches):
       history.append(jax.device_get(eval_fn(params, batch)))
     if not history:
       raise ValueError(f"{mixture_or_task_name!r} split {split!r} yielded no batch")
     metrics = {k: v for k, v in mean_metrics(history).items() if np.ndim(v) == 0}
     if has_inputs if bleu is None else bleu:
       targets, predictions = [], []
-      for i, batch in enumerate(_batches(mixture_or_task_name, task_feature_lengths, split,
-                                         batch_size, pack=False)):
-        if max_batches is not None and i >= max_batches:
-          break
+      for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
+                            pack=False, max_batches=max_batches):
         decoded = predict(network, params, batch,
                           max_decode_length=task_feature_lengths["targets"])
         targets += [_text(vocab, t) for t in batch["decoder_target_tokens"]]
@@ -133,11 +131,11 @@ def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.R
       os.path.dirname(ckpt_lib.resolve_checkpoint_path(checkpoint_path)[0]), "inference",
       f"{mixture_or_task_name}_{split}.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-  rng = jax.random.key(seed)
   mesh = partitioning.make_mesh(mesh_shape)
-  written = 0
-  with jax.set_mesh(mesh), open(output_file, "w") as f:
-    params = load_params_onto_mesh(network, checkpoint_path, mesh)
+
+  def records(params):
+    """{"inputs", "target", "prediction"} per example, decoded a batch at a time."""
+    rng = jax.random.key(seed)
     for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
                           pack=False, seed=seed):
       rng, batch_rng = jax.random.split(rng)
@@ -150,13 +148,15 @@ def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.R
         else:
           inputs, prediction = _text(vocab, target[:prompt_length]), tokens[prompt_length:]
           target = target[prompt_length:]
-        f.write(json.dumps({"inputs": inputs, "target": _text(vocab, target),
-                            "prediction": _text(vocab, prediction)}) + "\n")
-        written += 1
-        if num_examples is not None and written >= num_examples:
-          break
-      if num_examples is not None and written >= num_examples:
-        break
+        yield {"inputs": inputs, "target": _text(vocab, target),
+               "prediction": _text(vocab, prediction)}
+
+  written = 0
+  with jax.set_mesh(mesh), open(output_file, "w") as f:
+    params = load_params_onto_mesh(network, checkpoint_path, mesh)
+    for record in itertools.islice(records(params), num_examples):
+      f.write(json.dumps(record) + "\n")
+      written += 1
   print(f"{written} predictions written to {output_file}", flush=True)
   return output_file
 

@@ -8,6 +8,7 @@ logging, evaluation, checkpoints) stays in `train`, sectioned top to bottom.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -294,11 +295,9 @@ def train(model_dir: str = gin.REQUIRED,
 
     def evaluate(params) -> dict:
       history = []
-      for i, batch in enumerate(input_batches(
+      for batch in itertools.islice(input_batches(
           mixture_or_task_name, task_feature_lengths, eval_split, batch_size, shuffle=False,
-          seed=seed, num_epochs=1, pack=pack)):
-        if i >= eval_steps:
-          break
+          seed=seed, num_epochs=1, pack=pack), eval_steps):
         history.append(jax.device_get(eval_fn(params, to_global(batch, data_sharding))))
       return mean_metrics(history) if history else {}
 

@@ -43,11 +43,14 @@ def gather_dispatch(x_GSD, routing: RouterOutput):
 def gather_combine(y_EGCD, routing: RouterOutput, group_size: int):
   weighted_GECD = y_EGCD.transpose(1, 0, 2, 3) * routing.combine_GEC[..., None].astype(y_EGCD.dtype)
 
+  # Empty slots point past the group and are dropped, so they never collide on token 0.
+  index_GEC = jnp.where(routing.valid_GEC, routing.token_index_GEC, group_size)
+
   def scatter_add(y_ECD, idx_EC):
     y_SD = jnp.zeros((group_size, y_ECD.shape[-1]), y_ECD.dtype)
-    return y_SD.at[idx_EC.reshape(-1)].add(y_ECD.reshape(-1, y_ECD.shape[-1]))
+    return y_SD.at[idx_EC.reshape(-1)].add(y_ECD.reshape(-1, y_ECD.shape[-1]), mode="drop")
 
-  return jax.vmap(scatter_add)(weighted_GECD, routing.token_index_GEC)
+  return jax.vmap(scatter_add)(weighted_GECD, index_GEC)
 
 
 # name -> (dispatch, combine)

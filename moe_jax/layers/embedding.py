@@ -23,6 +23,7 @@ class Embed(nn.Module):
   def __call__(self, tokens_BL):
     return jnp.take(self.embedding, tokens_BL, axis=0).astype(self.dtype)
 
-  def attend(self, x_BLD):
-    """Logits against the embedding table: x_BLD @ embedding^T -> [B, L, V]."""
-    return jnp.einsum("BLD,VD->BLV", x_BLD.astype(self.dtype), self.embedding.astype(self.dtype))
+  def attend(self, x_BLD, dtype: Any = None):
+    """Logits against the embedding table: x_BLD @ embedding^T -> [B, L, V], in `dtype`."""
+    dtype = self.dtype if dtype is None else dtype
+    return jnp.einsum("BLD,VD->BLV", x_BLD.astype(dtype), self.embedding.astype(dtype))

@@ -11,7 +11,7 @@ reduces that collection.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import gin
@@ -36,19 +36,29 @@ def num_groups(num_tokens: int, max_group_size: int, multiple: int = 1) -> int:
 
 
 def _batch_shards() -> int:
-  """Devices the batch is split over in the current mesh (groups must not straddle them)."""
+  """Devices the logical 'batch' axis is split over (groups must not straddle them).
+
+  Read from the active logical-axis rules and mesh, so this layer names no mesh axis.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  return math.prod(mesh.shape.get(axis, 1) for axis in ("data", "expert"))
+  axes = nn.logical_to_mesh_axes(("batch",))[0]
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape.get(axis, 1) for axis in axes)
 
 
 @gin.configurable(module="moe_jax.layers.moe")
 class MoeLayer(nn.Module):
   """Sparse MoE feed-forward layer; a drop-in for `MlpBlock` (same call signature).
 
-  Capacity per expert per group comes from `routing.expert_capacity` with
-  `train_capacity_factor` when `deterministic=False` and `eval_capacity_factor` otherwise.
+  Tokens are routed in groups of at most `max_group_size` (the batch's tokens in row order),
+  or, with `sequence_groups=True`, one group per sequence (row), as Hugging Face's
+  SwitchTransformers routes. Capacity per expert per group comes from `routing.expert_capacity`
+  with `train_capacity_factor` when `deterministic=False` and `eval_capacity_factor` otherwise,
+  unless `expert_capacity` fixes it (capped at the group size).
   """
   num_experts: int = 8
   router: routing.Router = routing.SwitchRouter()
@@ -59,6 +69,8 @@ class MoeLayer(nn.Module):
   min_expert_capacity: int = 4
   dispatch: str = "einsum"
   dtype: Any = jnp.float32
+  sequence_groups: bool = False
+  expert_capacity: Optional[int] = None
 
   def __post_init__(self):
     if self.num_experts < 1:
@@ -68,6 +80,8 @@ class MoeLayer(nn.Module):
         raise ValueError(f"MoeLayer.{name} must be > 0, got {getattr(self, name)}")
     if self.max_group_size < 1:
       raise ValueError(f"MoeLayer.max_group_size must be >= 1, got {self.max_group_size}")
+    if self.expert_capacity is not None and self.expert_capacity < 1:
+      raise ValueError(f"MoeLayer.expert_capacity must be >= 1 or None, got {self.expert_capacity}")
     if self.min_expert_capacity < 0:
       raise ValueError(f"MoeLayer.min_expert_capacity must be >= 0, got {self.min_expert_capacity}")
     if self.dispatch not in dispatch_lib.BACKENDS:
@@ -79,6 +93,8 @@ class MoeLayer(nn.Module):
     super().__post_init__()
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
+    if self.expert_capacity is not None:
+      return min(group_size, self.expert_capacity)
     factor = self.eval_capacity_factor if deterministic else self.train_capacity_factor
     return routing.expert_capacity(group_size, self.num_experts, self.router.k, factor,
                                    self.min_expert_capacity)
@@ -86,7 +102,10 @@ class MoeLayer(nn.Module):
   @nn.compact
   def __call__(self, x_BLD, padding_mask_BL=None, deterministic: bool = True):
     batch, length, d_model = x_BLD.shape
-    groups = num_groups(batch * length, self.max_group_size, _batch_shards())
+    if self.sequence_groups:
+      groups = batch
+    else:
+      groups = num_groups(batch * length, self.max_group_size, _batch_shards())
     group_size = batch * length // groups
     x_GSD = nn.with_logical_constraint(x_BLD.reshape(groups, group_size, d_model),
                                        ("batch", "unmodeled", "embed"))

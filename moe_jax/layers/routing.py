@@ -127,21 +127,35 @@ class Router(nn.Module):
   """Shared front half of every router: jittered float32 logits -> probabilities.
 
   Subclasses implement `route` (the selection) and set `k` (experts per token, used by the
-  capacity formula).
+  capacity formula). `causal=True` (set by decoders) routes each token using only itself and
+  the tokens before it in its group, so later tokens never change earlier outputs; routers
+  that cannot do that refuse it by name.
   """
   jitter_noise: float = 0.0
   ignore_padding_tokens: bool = True
   batch_prioritized_routing: bool = False
   kernel_init: Any = nn.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+  causal: bool = False
 
   k: int = 1
 
   def __post_init__(self):
+    name = type(self).__name__
     if self.jitter_noise < 0:
-      raise ValueError(f"{type(self).__name__}.jitter_noise must be >= 0, got {self.jitter_noise}")
+      raise ValueError(f"{name}.jitter_noise must be >= 0, got {self.jitter_noise}")
     if self.k < 1:
-      raise ValueError(f"{type(self).__name__}.k must be >= 1, got {self.k}")
+      raise ValueError(f"{name}.k must be >= 1, got {self.k}")
+    if self.causal and self.batch_prioritized_routing:
+      raise ValueError(
+          f"{name}.batch_prioritized_routing=True orders each group by router probability, "
+          f"future tokens included, so it cannot route a causal decoder. Bind it for the "
+          f"encoder only, e.g. --gin.encoder/{name}.batch_prioritized_routing=True")
     super().__post_init__()
+
+  def experts_per_token(self, capacity_factor: float) -> float:
+    """Mean experts that process a token: k for tokens-choose routers."""
+    del capacity_factor
+    return float(self.k)
 
   @nn.compact
   def __call__(self, x_GSD, *, num_experts: int, capacity: int, padding_mask_GS=None,
@@ -204,10 +218,12 @@ def top_k_experts(probs_GSE, k: int):
 class _TokensChoose(Router):
   """Each token picks its top-k experts; experts keep the first C choices in priority order.
 
-  Priority: all first choices outrank all second choices, and so on (GShard). Within a choice
-  rank, tokens are taken in sequence order, or by descending top-1 probability with
-  `batch_prioritized_routing` (BPR, Riquelme et al. 2021), which makes the kept set invariant to
-  token order.
+  Priority: all first choices outrank all second choices, and so on (GShard, Flaxformer).
+  Within a choice rank, tokens are taken in sequence order, or by descending top-1 probability
+  with `batch_prioritized_routing` (BPR, Riquelme et al. 2021), which makes the kept set
+  invariant to token order. `causal=True` takes the choices token by token instead (all k
+  choices of token s before any of token s+1): otherwise a later token's first choice could
+  evict an earlier token's second choice. For k=1 both orders are the same.
   """
   renormalize: bool = False
   second_expert_policy: str = "all"
@@ -236,10 +252,14 @@ class _TokensChoose(Router):
       order_GS = jnp.argsort(-jnp.where(mask_GS, top1_GS, -1.0), axis=-1, stable=True)
     else:
       order_GS = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
-    # Choices in priority order, choice-major: [G, K, S] -> [G, K*S].
-    take = lambda v_GSK: jnp.take_along_axis(v_GSK, order_GS[..., None], axis=1).swapaxes(1, 2)
-    flat = lambda v_GKS: v_GKS.reshape(num_groups, -1)
-    token_GA = flat(jnp.broadcast_to(order_GS[:, None, :], (num_groups, self.k, group_size)))
+    # Choices in priority order: choice-major [G, K, S] -> [G, K*S], or token-major (causal)
+    # [G, S, K] -> [G, S*K].
+    def take(v_GSK):
+      v_GSK = jnp.take_along_axis(v_GSK, order_GS[..., None], axis=1)
+      return v_GSK if self.causal else v_GSK.swapaxes(1, 2)
+
+    flat = lambda v: v.reshape(num_groups, -1)
+    token_GA = flat(take(jnp.broadcast_to(jnp.arange(group_size)[:, None], expert_GSK.shape)))
     fill = jax.vmap(_fill_buffers, in_axes=(0, 0, 0, 0, None, None))
     token_GEC, combine_GEC, valid_GEC, kept_GA = fill(
         flat(take(expert_GSK)), token_GA, flat(take(gate_GSK)), flat(take(valid_GSK)),
@@ -289,6 +309,17 @@ class ExpertChoiceRouter(Router):
   future ones included, so it cannot route a causal decoder. Padding tokens are never chosen
   while real tokens remain.
   """
+
+  def __post_init__(self):
+    if self.causal:
+      raise ValueError("ExpertChoiceRouter picks tokens using the whole group, future tokens "
+                       "included: it cannot route a causal decoder. Use SwitchRouter or "
+                       "TopKRouter in the decoder.")
+    super().__post_init__()
+
+  def experts_per_token(self, capacity_factor: float) -> float:
+    """The capacity factor: experts take C = cf * S / E tokens each, cf per token on average."""
+    return float(capacity_factor)
 
   def route(self, logits_GSE, mask_GS, capacity, deterministic):
     num_experts = logits_GSE.shape[-1]

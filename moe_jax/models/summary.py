@@ -10,7 +10,6 @@ import numpy as np
 from flax import traverse_util
 
 from moe_jax.layers.moe import MoeLayer
-from moe_jax.layers.routing import ExpertChoiceRouter
 
 
 def abstract_variables(network: nn.Module, batch_size: int = 1, length: int = 8):
@@ -39,9 +38,7 @@ def stacks(network: nn.Module) -> dict[str, nn.Module]:
 
 def experts_per_token(moe: MoeLayer) -> float:
   """k for tokens-choose routers; the train capacity factor (mean experts/token) for EC."""
-  if isinstance(moe.router, ExpertChoiceRouter):
-    return float(moe.train_capacity_factor)
-  return float(moe.router.k)
+  return moe.router.experts_per_token(moe.train_capacity_factor)
 
 
 def summarize(network: nn.Module) -> dict[str, Any]:

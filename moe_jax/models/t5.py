@@ -9,7 +9,7 @@ gated or plain FFNs. Each layer's FFN is the dense `mlp` template or, at the lay
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -21,7 +21,6 @@ from moe_jax.layers.dense import MlpBlock
 from moe_jax.layers.embedding import Embed
 from moe_jax.layers.moe import MoeLayer
 from moe_jax.layers.normalization import RMSNorm
-from moe_jax.layers.routing import ExpertChoiceRouter
 
 
 class MoeLayout(enum.Enum):
@@ -35,22 +34,32 @@ class MoeLayout(enum.Enum):
 gin.constants_from_enum(MoeLayout, module="moe_jax.models.t5")
 
 
-def sparse_layer_indices(num_layers: int, num_sparse_layers: int, layout: MoeLayout,
-                         owner: str = "stack") -> tuple[int, ...]:
-  """Indices of the sparse layers.
+def sparse_layer_indices(num_layers: int, num_sparse_layers: int,
+                         layout: MoeLayout | Sequence[int], owner: str = "stack"
+                         ) -> tuple[int, ...]:
+  """Indices of the sparse layers (Flaxformer's rules).
 
   MIXED: every (num_layers // num_sparse_layers)-th layer, counted so the LAST layer is sparse
-  (12 layers, 3 sparse -> 3, 7, 11). TOP: the last ones; BOTTOM: the first ones; MIDDLE: centred,
-  rounding down (12, 2 -> 5, 6).
+  (12 layers, 3 sparse -> 3, 7, 11). TOP: the last ones; BOTTOM: the first ones; MIDDLE: layers
+  i with L - S <= 2i < L + S (12, 3 -> 5, 6, 7; 12, 2 -> 5, 6). A sequence of indices names the
+  sparse layers directly (e.g. Hugging Face's `i % sparse_step == 1` for steps other than 1, 2).
   """
-  if not isinstance(layout, MoeLayout):
-    raise ValueError(f"{owner}.sparse_layout must be a MoeLayout ({[m.name for m in MoeLayout]}), "
-                     f"got {layout!r}")
   if num_layers < 1:
     raise ValueError(f"{owner}.num_layers must be >= 1, got {num_layers}")
   if not 0 <= num_sparse_layers <= num_layers:
     raise ValueError(f"{owner}.num_sparse_layers must be in [0, num_layers={num_layers}], "
                      f"got {num_sparse_layers}")
+  if not isinstance(layout, MoeLayout):
+    indices = tuple(layout) if isinstance(layout, (tuple, list)) else None
+    if indices is None or not all(isinstance(i, int) for i in indices):
+      raise ValueError(f"{owner}.sparse_layout must be a MoeLayout "
+                       f"({[m.name for m in MoeLayout]}) or a tuple of layer indices, "
+                       f"got {layout!r}")
+    if (sorted(set(indices)) != list(indices) or any(not 0 <= i < num_layers for i in indices)
+        or len(indices) != num_sparse_layers):
+      raise ValueError(f"{owner}.sparse_layout={indices} must be {num_sparse_layers} "
+                       f"(num_sparse_layers) increasing layer indices in [0, {num_layers})")
+    return indices
   if num_sparse_layers == 0:
     return ()
   if layout is MoeLayout.MIXED:
@@ -59,13 +68,15 @@ def sparse_layer_indices(num_layers: int, num_sparse_layers: int, layout: MoeLay
                        f"num_layers={num_layers} for MoeLayout.MIXED")
     every = num_layers // num_sparse_layers
     return tuple(range(every - 1, num_layers, every))
-  first = {MoeLayout.BOTTOM: 0, MoeLayout.TOP: num_layers - num_sparse_layers,
-           MoeLayout.MIDDLE: (num_layers - num_sparse_layers) // 2}[layout]
+  if layout is MoeLayout.MIDDLE:
+    return tuple(i for i in range(num_layers)
+                 if num_layers - num_sparse_layers <= 2 * i < num_layers + num_sparse_layers)
+  first = 0 if layout is MoeLayout.BOTTOM else num_layers - num_sparse_layers
   return tuple(range(first, first + num_sparse_layers))
 
 
 class TransformerLayer(nn.Module):
-  """One pre-norm T5 block: self-attention [-> cross-attention] [-> extra dense FFN] -> FFN.
+  """One pre-norm T5 block: self-attention [-> cross-attention] -> FFN [-> extra dense FFN].
 
   Parameter names are flaxformer's (`attention` in the encoder, `self_attention` and
   `encoder_decoder_attention` in the decoder), so T5X checkpoints map over by name.
@@ -100,8 +111,11 @@ class TransformerLayer(nn.Module):
     else:
       x_BLD = attention("attention", "pre_attention_layer_norm", x_BLD, None, self_bias_BNLM)
 
-    ffns = [("extra_mlp", self.extra_mlp)] if self.extra_mlp is not None else []
-    for name, ffn in ffns + [("mlp", self.mlp)]:
+    # ST-MoE's extra dense FFN runs after the (MoE) FFN, as in Flaxformer.
+    ffns = [("mlp", self.mlp)]
+    if self.extra_mlp is not None:
+      ffns.append(("extra_mlp", self.extra_mlp))
+    for name, ffn in ffns:
       h = RMSNorm(dtype=self.dtype, name=f"pre_{name}_layer_norm")(x_BLD)
       h = ffn(h, padding_mask_BL, deterministic=deterministic)
       x_BLD = nn.with_logical_constraint(x_BLD + dropout(h), ("batch", "length", "embed"))
@@ -116,7 +130,7 @@ class _SparseStack(nn.Module):
   mlp: nn.Module = MlpBlock()
   moe: Optional[MoeLayer] = None
   num_sparse_layers: int = 0
-  sparse_layout: MoeLayout = MoeLayout.MIXED
+  sparse_layout: MoeLayout | Sequence[int] = MoeLayout.MIXED
   extra_dense_mlp: bool = False  # ST-MoE: a dense FFN beside each MoE layer (Zoph et al. 2022)
   dropout_rate: float = 0.0
   relative_attention_num_buckets: int = 32
@@ -135,6 +149,12 @@ class _SparseStack(nn.Module):
   @property
   def sparse_layers(self) -> tuple[int, ...]:
     return sparse_layer_indices(self.num_layers, self.num_sparse_layers, self.sparse_layout)
+
+  def _moe_layer(self) -> MoeLayer:
+    """An unbound copy of the `moe` template; a decoder's routes causally."""
+    if not self.is_decoder:
+      return self.moe.copy(parent=None)
+    return self.moe.copy(parent=None, router=self.moe.router.copy(parent=None, causal=True))
 
   @nn.compact
   def __call__(self, x_BLD, padding_mask_BL, segment_ids_BL=None, *, encoded_BMD=None,
@@ -159,7 +179,7 @@ class _SparseStack(nn.Module):
     sparse = set(self.sparse_layers)
     for i in range(self.num_layers):
       # Deep, unbound copies of the templates: every layer owns its parameters.
-      ffn = (self.moe if i in sparse else self.mlp).copy(parent=None)
+      ffn = self._moe_layer() if i in sparse else self.mlp.copy(parent=None)
       extra = self.mlp.copy(parent=None) if i in sparse and self.extra_dense_mlp else None
       x_BLD = TransformerLayer(self.num_heads, self.head_dim, ffn, decoder=self.is_decoder,
                                extra_mlp=extra, dropout_rate=self.dropout_rate, dtype=self.dtype,
@@ -182,11 +202,11 @@ class SparseDecoder(_SparseStack):
   is_decoder: ClassVar[bool] = True
 
   def __post_init__(self):
-    if self.num_sparse_layers and isinstance(getattr(self.moe, "router", None),
-                                             ExpertChoiceRouter):
-      raise ValueError("SparseDecoder.moe.router is an ExpertChoiceRouter, which picks tokens "
-                       "using the whole group, future tokens included: it cannot route a causal "
-                       "decoder. Use SwitchRouter or TopKRouter in the decoder.")
+    if self.num_sparse_layers and self.moe is not None:
+      try:  # the router refuses causal routing by name (expert choice, BPR): fail at build time
+        self._moe_layer()
+      except ValueError as e:
+        raise ValueError(f"SparseDecoder.moe.router: {e}") from None
     super().__post_init__()
 
 
@@ -201,18 +221,23 @@ def decoder_padding_mask(decoder_input_tokens, decoder_target_tokens=None,
 
 
 class LogitsHead(nn.Module):
-  """Decoder output -> float32 logits: tied (embedding^T / sqrt(D), T5) or `logits_dense`."""
+  """Decoder output -> float32 logits: tied (embedding^T / sqrt(D), T5) or `logits_dense`.
+
+  `dtype` is the activations'; the logits are computed in float32 either way.
+  """
   vocab_size: int
   tied: bool
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, y_BLD, embedder: Embed):
+    # The projection itself runs in float32 whatever `dtype` is (Flaxformer's output logits).
+    y_BLD = y_BLD.astype(jnp.float32)
     if self.tied:
-      logits = embedder.attend(y_BLD) / jnp.sqrt(y_BLD.shape[-1]).astype(self.dtype)
+      logits = embedder.attend(y_BLD, dtype=jnp.float32) / jnp.sqrt(y_BLD.shape[-1])
     else:
       logits = nn.DenseGeneral(
-          self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+          self.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
           kernel_init=nn.with_logical_partitioning(
               nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
               ("embed", "vocab")), name="logits_dense")(y_BLD)

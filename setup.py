@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "importlib_resources==7.1.0",
     "tensorboard==2.21.0",  # event files written through tf.summary
     "sacrebleu==2.6.0",  # BLEU for translation (seqio 0.0.20 ships no text metrics)
+    "safetensors==0.8.0",  # moe_jax.convert reads Hugging Face checkpoints (numpy, no torch)
 ]
 
 setuptools.setup(
@@ -29,5 +30,14 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*"]),
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    # The same functions as scripts/*.py (gin files are found under the repo's configs/ in an
+    # editable install, as `make install` does, or with --gin_search_paths).
+    entry_points={"console_scripts": [
+        "moe-jax-train=moe_jax.cli:train",
+        "moe-jax-eval=moe_jax.cli:evaluate",
+        "moe-jax-infer=moe_jax.cli:infer",
+        "moe-jax-model-info=moe_jax.cli:model_info",
+    ]},
+    # transformers + torch (CPU wheel) are the reference the converter is tested against.
+    extras_require={"test": ["pytest==9.2.0", "transformers==5.24.0", "torch==2.13.0"]},
 )

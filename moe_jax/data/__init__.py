@@ -13,4 +13,5 @@ from moe_jax.data.pipeline import (EncDecFeatureConverter, LMFeatureConverter, g
                                    get_feature_converter)
 from moe_jax.data.span_corruption import span_corruption_lengths
 from moe_jax.data.tasks import TASK_NAMES, register_tasks, registered_task_names
-from moe_jax.data.vocabularies import get_vocabulary
+from moe_jax.data.vocabularies import (VOCABULARY_PATH_MACRO, ConfiguredVocabulary,
+                                        configured_vocabulary, get_vocabulary)

@@ -1,4 +1,7 @@
-"""seqio tasks of moe_jax, registered on import (byte vocabulary; see `register_tasks`).
+"""seqio tasks of moe_jax, registered on import (see `register_tasks`).
+
+Their vocabulary is a `ConfiguredVocabulary`: bytes, or the SentencePiece model that the gin
+macro VOCABULARY_PATH names (e.g. a Switch release's `spiece.model`), looked up when used.
 
 - `tiny_shakespeare_lm` (TFDS tiny_shakespeare): "targets", windows of
   `sequence_length["targets"]` bytes of the text, no EOS.
@@ -17,7 +20,7 @@ from typing import Optional, Tuple
 import seqio
 
 from moe_jax.data import metrics, preprocessors, sources, span_corruption
-from moe_jax.data.vocabularies import get_vocabulary
+from moe_jax.data.vocabularies import ConfiguredVocabulary
 
 TINY_SHAKESPEARE_LM = "tiny_shakespeare_lm"
 TINY_SHAKESPEARE_SPAN_CORRUPTION = "tiny_shakespeare_span_corruption"
@@ -42,12 +45,13 @@ def _add(name: str, **kwargs) -> None:
 
 def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None,
                    suffix: str = "") -> Tuple[str, ...]:
-  """Registers our tasks with `vocabulary` (default: bytes) under `name + suffix`.
+  """Registers our tasks with `vocabulary` under `name + suffix`.
 
+  The default, `ConfiguredVocabulary()`, is bytes unless gin binds VOCABULARY_PATH.
   E.g. `register_tasks(get_vocabulary("spm/model.model"), suffix="_spm")` adds
   `tiny_shakespeare_lm_spm`, ... Returns the registered names.
   """
-  vocab = vocabulary or get_vocabulary()
+  vocab = vocabulary or ConfiguredVocabulary()
   text_to_targets = functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"})
   lm_features = {"targets": seqio.Feature(vocab, add_eos=False)}
   seq2seq_features = {"inputs": seqio.Feature(vocab, add_eos=True),

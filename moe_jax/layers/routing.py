@@ -159,7 +159,9 @@ class Router(nn.Module):
 
   @nn.compact
   def __call__(self, x_GSD, *, num_experts: int, capacity: int, padding_mask_GS=None,
-               deterministic: bool = True) -> RouterOutput:
+               deterministic: bool = True, expert_fill_GE=None) -> RouterOutput:
+    """Routes each group; `expert_fill_GE` [G, E] (decoding) counts the slots that earlier
+    tokens of each group already fill, so this call's tokens continue those buffers."""
     x_GSD = x_GSD.astype(jnp.float32)
     if self.jitter_noise > 0 and not deterministic:
       # Multiplicative jitter on the router inputs (Switch Transformer, sec. 2.4).
@@ -170,18 +172,22 @@ class Router(nn.Module):
       mask_GS = jnp.ones(logits_GSE.shape[:2], bool)
     else:
       mask_GS = padding_mask_GS.astype(bool)
-    return self.route(logits_GSE, mask_GS, capacity, deterministic)
+    if expert_fill_GE is None:
+      return self.route(logits_GSE, mask_GS, capacity, deterministic)
+    return self.route(logits_GSE, mask_GS, capacity, deterministic, expert_fill_GE=expert_fill_GE)
 
   def route(self, logits_GSE, mask_GS, capacity, deterministic) -> RouterOutput:
     raise NotImplementedError
 
 
-def _fill_buffers(expert_A, token_A, gate_A, valid_A, num_experts, capacity):
+def _fill_buffers(expert_A, token_A, gate_A, valid_A, num_experts, capacity, fill_E=None):
   """Puts routing choices, given in priority order, into [E, C] expert buffers (one group).
 
   Choice a goes to slot `position` of expert `expert_A[a]`, where position counts the earlier
-  valid choices for the same expert; choices at position >= C are dropped. Linear in the number
-  of choices up to a sort, so it serves every backend. Returns buffers and kept_A.
+  valid choices for the same expert, starting at `fill_E[e]` (slots that earlier tokens of the
+  group fill: one-token decoding steps; default 0); choices at position >= C are dropped.
+  Linear in the number of choices up to a sort, so it serves every backend. Returns buffers
+  and kept_A.
   """
   num_choices = expert_A.shape[0]
   key_A = jnp.where(valid_A, expert_A, num_experts)  # invalid choices sort last, bucket E
@@ -189,6 +195,8 @@ def _fill_buffers(expert_A, token_A, gate_A, valid_A, num_experts, capacity):
   sorted_expert = key_A[perm]
   counts = jnp.bincount(key_A, length=num_experts + 1)
   starts = jnp.cumsum(counts) - counts
+  if fill_E is not None:  # an offset per expert; bucket E (invalid choices) has none
+    starts -= jnp.concatenate([fill_E.astype(starts.dtype), jnp.zeros((1,), starts.dtype)])
   position = jnp.arange(num_choices) - starts[sorted_expert]
   kept_sorted = (sorted_expert < num_experts) & (position < capacity)
   slot = jnp.where(kept_sorted, sorted_expert * capacity + position, num_experts * capacity)
@@ -234,7 +242,7 @@ class _TokensChoose(Router):
                        f"{_SECOND_EXPERT_POLICIES}, got {self.second_expert_policy!r}")
     super().__post_init__()
 
-  def route(self, logits_GSE, mask_GS, capacity, deterministic):
+  def route(self, logits_GSE, mask_GS, capacity, deterministic, expert_fill_GE=None):
     num_groups, group_size, num_experts = logits_GSE.shape
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
     gate_GSK, expert_GSK = top_k_experts(probs_GSE, self.k)
@@ -260,10 +268,10 @@ class _TokensChoose(Router):
 
     flat = lambda v: v.reshape(num_groups, -1)
     token_GA = flat(take(jnp.broadcast_to(jnp.arange(group_size)[:, None], expert_GSK.shape)))
-    fill = jax.vmap(_fill_buffers, in_axes=(0, 0, 0, 0, None, None))
+    fill = jax.vmap(_fill_buffers, in_axes=(0, 0, 0, 0, None, None, 0))
     token_GEC, combine_GEC, valid_GEC, kept_GA = fill(
         flat(take(expert_GSK)), token_GA, flat(take(gate_GSK)), flat(take(valid_GSK)),
-        num_experts, capacity)
+        num_experts, capacity, expert_fill_GE)
 
     kept_GS = jnp.zeros((num_groups, group_size), bool).at[
         jnp.arange(num_groups)[:, None], token_GA].max(kept_GA)
@@ -325,7 +333,14 @@ class ExpertChoiceRouter(Router):
     num_experts = logits_GSE.shape[-1]
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
     scores_GES = jnp.where(mask_GS[..., None], probs_GSE, -1.0).swapaxes(1, 2)
-    score_GEC, token_GEC = jax.lax.top_k(scores_GES, capacity)
+    # Each expert's top-C tokens, as `lax.top_k` orders them (descending score, ties to the
+    # lower token index), from a sort on keys (-score, token): GSPMD sorts each shard's groups
+    # in place, whereas it all-gathers every group's scores for `lax.top_k`.
+    _, token_GES = jax.lax.sort(
+        (-scores_GES, jax.lax.broadcasted_iota(jnp.int32, scores_GES.shape, 2)),
+        dimension=2, num_keys=2)
+    token_GEC = token_GES[..., :capacity]
+    score_GEC = jnp.take_along_axis(scores_GES, token_GEC, axis=2)
     valid_GEC = score_GEC >= 0.0
     chosen_GS = jnp.zeros(mask_GS.shape, bool).at[
         jnp.arange(mask_GS.shape[0])[:, None, None], token_GEC].max(valid_GEC)

@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import moe, routing
 from moe_jax.layers.experts import ExpertMlp
+from moe_jax.train import partitioning
 
 E, D, F, B, L = 4, 8, 16, 2, 16
 S = L  # max_group_size = L: one group per sequence
@@ -51,6 +53,11 @@ def _run(layer, params, x, mask=None, deterministic=True, rngs=None):
   (stats,) = state[moe.MOE_STATS]["router_stats"]
   (routes,) = state["intermediates"]["router"]["__call__"]
   return y, stats, routes
+
+
+def _jit_run(layer, params, x, deterministic=True):
+  """_run compiled once (op by op, a new layer shape costs seconds of dispatch compiles)."""
+  return jax.jit(lambda p, x: _run(layer, p, x, deterministic=deterministic))(params, x)
 
 
 def _router_kernel(params):
@@ -378,3 +385,109 @@ def test_router_gradient_through_combine_weights(dispatch):
     c = r_ND[n] @ _expert_ffn(params, x_ND[n], e, ("relu",))
     expected += np.outer(x_ND[n], c * probs[n, e] * (np.eye(E)[e] - probs[n]))
   np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- gather combine: empty slots add nothing ---------------------------------------------------
+
+
+def test_gather_combine_ignores_empty_slots_even_when_their_outputs_are_nan():
+  """Empty slots point at token 0 with weight 0; their expert outputs are garbage (here NaN,
+  as an expert may produce for an all-zero input in low precision). They must not reach any
+  token: 0 * NaN would poison token 0 if they were added with weight 0."""
+  groups, experts, capacity, group_size, d = 2, 3, 2, 4, 5
+  token = np.array([[[2, 0], [1, 3], [0, 0]],    # expert 0 holds token 2; expert 2 is empty
+                    [[0, 1], [3, 0], [0, 0]]])   # group 1: token 0 only in expert 0, slot 0
+  valid = np.array([[[True, False], [True, True], [False, False]],
+                    [[True, True], [True, False], [False, False]]])
+  weight = np.where(valid, np.random.RandomState(0).uniform(0.1, 1.0, valid.shape), 0.0)
+  routes = routing.RouterOutput(
+      jnp.asarray(token, jnp.int32), jnp.asarray(weight, jnp.float32), jnp.asarray(valid),
+      stats=None)
+  y_EGCD = np.random.RandomState(1).normal(0, 1, (experts, groups, capacity, d))
+  y_EGCD[~valid.transpose(1, 0, 2)] = np.nan
+  got = np.asarray(dispatch_lib.gather_combine(jnp.asarray(y_EGCD, jnp.float32), routes,
+                                               group_size))
+  expected = np.zeros((groups, group_size, d))
+  for g, e, c in zip(*np.nonzero(valid)):
+    expected[g, token[g, e, c]] += weight[g, e, c] * y_EGCD[e, g, c]
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+  # Group 0's token 0 sits in no slot at all (only empty slots point at it): exactly 0.
+  assert np.all(got[0, 0] == 0.0)
+
+
+# --- per-sequence groups and a fixed capacity --------------------------------------------------
+
+
+def test_sequence_groups_route_each_row_alone():
+  # With sequence_groups, max_group_size is ignored: one group per row (S = L), C from S.
+  top2 = lambda **kw: _layer(routing.TopKRouter(k=2), eval_capacity_factor=0.25, **kw)
+  layer = top2(max_group_size=4, sequence_groups=True)
+  x = _x(seed=9)
+  params = _params()
+
+  def run_all(params, x):
+    rows = jax.vmap(lambda x_LD: _run(top2(max_group_size=L), params, x_LD[None]))(x)
+    return _run(layer, params, x), rows, _run(top2(max_group_size=B * L), params, x)
+
+  (y, stats, routes), (y_rows, _, routes_rows), (y_whole, _, routes_whole) = jax.jit(run_all)(
+      params, x)
+  assert routes.valid_GEC.shape == (B, E, 2)  # G = B rows, C = ceil(0.25 * 2 * 16 / 4) = 2
+  np.testing.assert_array_equal(y, y_rows[:, 0])
+  for field in ("token_index_GEC", "combine_GEC", "valid_GEC"):
+    np.testing.assert_array_equal(getattr(routes, field), getattr(routes_rows, field)[:, 0])
+  kept = _kept_GS(routes)
+  assert 0 < kept.sum() < B * L
+  np.testing.assert_allclose(stats.fraction_dropped, 1 - kept.mean(), rtol=1e-6)
+  # Not what one group over the whole batch gives (C = 4, the rows compete for it).
+  assert routes_whole.valid_GEC.shape == (1, E, 4)
+  assert not np.allclose(y_whole, y)
+
+
+def test_expert_capacity_fixes_slots_whatever_the_length():
+  layer = _layer(expert_capacity=3, sequence_groups=True, train_capacity_factor=8.0,
+                 eval_capacity_factor=0.01, min_expert_capacity=5)
+  # Neither capacity factor nor min_expert_capacity counts; only the group size caps C.
+  for deterministic in (True, False):
+    assert [layer.capacity(s, deterministic) for s in (2, 3, 8, 16, 4096)] == [2, 3, 3, 3, 3]
+  params = _params()
+  for length, deterministic in ((8, False), (16, True)):
+    x = _x(seed=10)[:, :length]
+    y, stats, routes = _jit_run(layer, params, x, deterministic=deterministic)
+    assert routes.valid_GEC.shape == (B, E, 3)
+    logits = np.asarray(x, np.float64) @ _router_kernel(params)  # rows are the groups
+    kept = np.zeros((B, length), bool)
+    for b in range(B):
+      kept[b, np.asarray(routes.token_index_GEC[b])[np.asarray(routes.valid_GEC[b])]] = True
+    np.testing.assert_array_equal(kept, _reference_kept_top1(logits, 3))  # argmax of logits
+    assert 0 < kept.sum() < B * length
+    np.testing.assert_allclose(stats.fraction_dropped, 1 - kept.mean(), rtol=1e-6)
+    assert np.all(np.asarray(y)[~kept] == 0.0)
+
+
+def test_expert_capacity_must_be_positive():
+  with pytest.raises(ValueError, match=r"MoeLayer\.expert_capacity"):
+    _layer(expert_capacity=0)
+
+
+# --- groups follow the batch sharding named by the logical-axis rules --------------------------
+
+
+@pytest.mark.parametrize("rules, shards", [
+    (partitioning.LOGICAL_AXIS_RULES, 8),          # batch over ('data', 'expert') = 2 x 4
+    ((("batch", "data"),), 2),                     # other rules: batch over 'data' only
+    ((("batch", None),), 1),                       # batch replicated
+    ((), 1),                                       # no rule for 'batch'
+])
+def test_groups_align_with_the_batch_shards_the_rules_name(rules, shards):
+  layer = _layer(max_group_size=L)  # alone: G = 2 groups of 16
+  mesh = partitioning.make_mesh((2, 4, 1))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    assert moe._batch_shards() == shards  # pylint: disable=protected-access
+    _, state = jax.eval_shape(lambda x: layer.init_with_output(
+        jax.random.key(0), x, capture_intermediates=lambda m, _: isinstance(m, routing.Router)),
+        _x())
+  (routes,) = state["intermediates"]["router"]["__call__"]
+  # Fewest groups of <= 16 tokens that split evenly over the shards: max(2, shards).
+  assert routes.valid_GEC.shape[0] == max(2, shards)
+  assert moe._batch_shards() == 1  # pylint: disable=protected-access  (no mesh)

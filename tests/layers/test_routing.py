@@ -394,7 +394,7 @@ def test_random_second_expert_policy():
                  rngs={routing.ROUTING_RNG: jax.random.key(0)})
   kept_first, kept_second = kept_choices(train)
   assert kept_first.all()
-  assert 0 < kept_second.sum() < 2 * S
+  assert 0 < kept_second.sum() < 2 * S  # how many: test_random_second_expert_keep_rate
   # Kept weights: every first-choice probability and the kept second-choice ones, unchanged.
   prob_of = lambda c: np.take_along_axis(probs, c[..., None], -1)[..., 0]
   np.testing.assert_allclose(
@@ -435,3 +435,194 @@ def test_top_k_experts_equals_lax_top_k(k):
   ref_values, ref_indices = jax.lax.top_k(probs, k)
   np.testing.assert_array_equal(indices, ref_indices)
   np.testing.assert_array_equal(values, ref_values)
+
+
+def test_random_second_expert_keep_rate():
+  """GShard keeps a token's 2nd choice with probability p = min(1, 2 g2 / (g1 + g2)).
+
+  With C = S nothing is dropped for lack of room, so the kept 2nd choices are independent
+  Bernoulli(p_i) draws: their count lies within 5 binomial standard deviations of sum_i p_i,
+  overall and among tokens with small and large p separately.
+  """
+  groups, group_size = 4, 512
+  x = jnp.asarray(np.random.RandomState(10).normal(0, 1, (groups, group_size, D)), jnp.float32)
+  kernel = _kernel(seed=11, scale=1.0)
+  route = jax.jit(lambda x, kernel: _route(
+      routing.TopKRouter(k=2, second_expert_policy="random"), x, kernel, group_size,
+      deterministic=False, rngs={routing.ROUTING_RNG: jax.random.key(12)}))
+  out = route(x, kernel)
+  probs = _probs(x, kernel)
+  ranked = np.argsort(-probs, -1)
+  g1 = np.take_along_axis(probs, ranked[..., :1], -1)[..., 0]
+  g2 = np.take_along_axis(probs, ranked[..., 1:2], -1)[..., 0]
+  p = np.minimum(1.0, 2 * g2 / (g1 + g2))
+  kept = np.zeros(probs.shape, bool)
+  g_idx = np.arange(groups)[:, None, None]
+  e_idx = np.arange(E)[None, :, None]
+  valid = np.asarray(out.valid_GEC)
+  kept[np.broadcast_to(g_idx, valid.shape)[valid], np.asarray(out.token_index_GEC)[valid],
+       np.broadcast_to(e_idx, valid.shape)[valid]] = True
+  assert np.take_along_axis(kept, ranked[..., :1], -1).all()  # every 1st choice is kept
+  kept_second = np.take_along_axis(kept, ranked[..., 1:2], -1)[..., 0]
+  assert kept.sum() == groups * group_size + kept_second.sum()  # nothing beyond 2 choices
+  assert 0.3 < p.mean() < 0.8  # p is spread out, so the check has power
+  for subset in (np.ones_like(p, bool), p < np.median(p), p >= np.median(p)):
+    expected, sigma = p[subset].sum(), np.sqrt(np.sum(p[subset] * (1 - p[subset])))
+    assert abs(kept_second[subset].sum() - expected) < 5 * sigma, (subset.sum(), expected)
+
+
+# --- causal (decoder) routing ------------------------------------------------------------------
+
+
+def _reference_causal_buffers(probs_SE, k, capacity, mask_S=None):
+  """Token-major priority: all k choices of token s before any choice of token s + 1."""
+  num_tokens, num_experts = probs_SE.shape
+  mask_S = np.ones(num_tokens, bool) if mask_S is None else np.asarray(mask_S, bool)
+  choices_SK = np.argsort(-probs_SE, axis=-1, kind="stable")[:, :k]
+  buffers = [[] for _ in range(num_experts)]
+  for s in range(num_tokens):
+    for rank in range(k):
+      e = choices_SK[s, rank]
+      if mask_S[s] and len(buffers[e]) < capacity:
+        buffers[e].append(int(s))
+  return buffers
+
+
+def test_causal_top2_later_first_choice_cannot_evict_earlier_second_choice():
+  # The kernel copies features 0..3 into the logits. Token 0 prefers experts (0, 1), token 1
+  # prefers (1, 3); the rest is padding. C = 1. Choice-major priority gives expert 1 to token
+  # 1's FIRST choice (test_first_choices_outrank_second_choices); a causal router must give it
+  # to token 0's second choice, which it took before token 1 existed.
+  x = np.zeros((2, S, D), np.float32)
+  x[:, 0, :E] = [4.0, 2.0, -9.0, -9.0]
+  x[:, 1, :E] = [-9.0, 4.0, -9.0, 2.0]
+  mask = jnp.asarray(np.arange(S) < 2)[None].repeat(2, 0)
+  kernel = jnp.concatenate([jnp.eye(E), jnp.zeros((D - E, E))])
+  out = _route(routing.TopKRouter(k=2, causal=True), jnp.asarray(x), kernel, capacity=1,
+               mask_GS=mask)
+  assert _buffers(out, 0) == _buffers(out, 1) == [[0], [0], [], [1]]
+  probs = _probs(jnp.asarray(x), kernel)
+  # Token 0's second slot carries its expert-1 probability, e^2 / (e^4 + e^2 + 2 e^-9).
+  np.testing.assert_allclose(out.combine_GEC[0, 1, 0], probs[0, 0, 1], rtol=1e-6)
+  np.testing.assert_allclose(
+      probs[0, 0, 1], math.exp(2) / (math.exp(4) + math.exp(2) + 2 * math.exp(-9)), rtol=1e-6)
+  assert float(out.stats.fraction_dropped) == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("capacity", [1, 3])
+def test_causal_buffers_match_token_major_reference(k, capacity):
+  router = (routing.SwitchRouter if k == 1 else routing.TopKRouter)(
+      causal=True, **({} if k == 1 else {"k": k}))
+  x, kernel = _tokens(seed=13), _kernel(seed=14, scale=2.0)
+  mask_np = np.stack([np.ones(S, bool), np.arange(S) % 5 != 2])
+  out = _route(router, x, kernel, capacity, mask_GS=jnp.asarray(mask_np))
+  probs = _probs(x, kernel)
+  for g in range(2):
+    assert _buffers(out, g) == _reference_causal_buffers(probs[g], k, capacity, mask_np[g])
+  if k == 1:  # one choice per token: token-major and choice-major priority coincide
+    plain = _route(routing.SwitchRouter(), x, kernel, capacity, mask_GS=jnp.asarray(mask_np))
+    np.testing.assert_array_equal(plain.token_index_GEC, out.token_index_GEC)
+  dropped = sum(mask_np[g].sum() - len(set(sum(_buffers(out, g), []))) for g in range(2))
+  assert dropped > 0
+  np.testing.assert_allclose(out.stats.fraction_dropped, dropped / mask_np.sum(), rtol=1e-6)
+
+
+def test_causal_routing_of_a_prefix_ignores_later_tokens():
+  """Whatever tokens t..S-1 are, the slots held by tokens < t are the same."""
+  router = routing.TopKRouter(k=2, causal=True)
+  x, kernel = _tokens(seed=15), _kernel(seed=16, scale=2.0)
+  t = 6
+  other = x.at[:, t:].set(_tokens(seed=17)[:, t:])
+  held = lambda out: [[[s for s in slots if s < t] for slots in _buffers(out, g)]
+                      for g in range(2)]
+  assert held(_route(router, x, kernel, 2)) == held(_route(router, other, kernel, 2))
+  # Choice-major routing fails this: later first choices evict earlier second choices.
+  plain = routing.TopKRouter(k=2)
+  assert held(_route(plain, x, kernel, 2)) != held(_route(plain, other, kernel, 2))
+
+
+@pytest.mark.parametrize("cls", [routing.SwitchRouter, routing.TopKRouter])
+def test_causal_router_refuses_batch_prioritized_routing(cls):
+  with pytest.raises(ValueError, match=rf"{cls.__name__}\.batch_prioritized_routing=True.*"
+                                       r"--gin\.encoder/"):
+    cls(causal=True, batch_prioritized_routing=True)
+  cls(batch_prioritized_routing=True)  # fine outside a decoder
+  cls(causal=True)
+
+
+def test_expert_choice_refuses_causal():
+  with pytest.raises(ValueError, match="ExpertChoiceRouter .*cannot route a causal decoder"):
+    routing.ExpertChoiceRouter(causal=True)
+
+
+@pytest.mark.parametrize("router, factor, expected", [
+    (routing.SwitchRouter(), 1.25, 1.0),
+    (routing.TopKRouter(k=2), 1.25, 2.0),
+    (routing.TopKRouter(k=3), 0.5, 3.0),
+    (routing.ExpertChoiceRouter(), 2.0, 2.0),  # C = 2 S / E slots per expert: 2 per token
+    (routing.ExpertChoiceRouter(), 0.5, 0.5),
+])
+def test_experts_per_token(router, factor, expected):
+  assert router.experts_per_token(factor) == expected
+
+
+# --- expert choice selects like lax.top_k, without it ------------------------------------------
+
+
+def _expert_choice_reference(logits_GSE, mask_GS, capacity):
+  """The selection as lax.top_k makes it (the router's previous implementation)."""
+  probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+  scores_GES = jnp.where(mask_GS[..., None], probs_GSE, -1.0).swapaxes(1, 2)
+  score_GEC, token_GEC = jax.lax.top_k(scores_GES, capacity)
+  valid_GEC = score_GEC >= 0.0
+  return jnp.where(valid_GEC, token_GEC, 0), jnp.where(valid_GEC, score_GEC, 0.0), valid_GEC
+
+
+@pytest.mark.parametrize("case", ["random", "uniform", "duplicates", "underflow", "padding"])
+def test_expert_choice_selection_equals_lax_top_k(case):
+  """Same tokens, weights and order as lax.top_k, ties included: tied scores go to the lower
+  token index (uniform logits; repeated tokens; probabilities that underflow to exactly 0;
+  padding scored -1 when real tokens run out)."""
+  x, kernel, capacity = _tokens(seed=18), _kernel(seed=19, scale=2.0), 5
+  mask = jnp.ones((2, S), bool)
+  if case == "uniform":
+    kernel = jnp.zeros((D, E))
+  elif case == "duplicates":
+    x = x[:, np.arange(S) % 3]  # tokens 0, 3, 6, ... share their scores exactly
+  elif case == "underflow":
+    kernel = _kernel(seed=19, scale=60.0)
+  elif case == "padding":
+    mask = jnp.asarray(np.stack([np.arange(S) % 4 == 1, np.arange(S) < 3]))  # 4 and 3 real < C
+  params = {"params": {"router_weights": {"w": {"kernel": kernel}}}}
+  out, state = routing.ExpertChoiceRouter().apply(
+      params, x, num_experts=E, capacity=capacity, padding_mask_GS=mask,
+      capture_intermediates=True, mutable=["intermediates"])
+  logits = state["intermediates"]["router_weights"]["__call__"][0]
+  token, combine, valid = _expert_choice_reference(logits, mask, capacity)
+  if case in ("uniform", "duplicates", "underflow"):  # the case really has ties
+    scores = np.sort(np.asarray(jax.nn.softmax(logits)).swapaxes(1, 2), -1)
+    assert np.any(scores[..., 1:] == scores[..., :-1])
+  if case == "underflow":
+    assert np.any(np.asarray(combine)[np.asarray(valid)] == 0.0)
+  np.testing.assert_array_equal(out.token_index_GEC, token)
+  np.testing.assert_array_equal(out.combine_GEC, combine)
+  np.testing.assert_array_equal(out.valid_GEC, valid)
+
+
+def test_expert_choice_router_gradient_equals_lax_top_k():
+  x, kernel, capacity = _tokens(seed=20), _kernel(seed=21, scale=2.0), 5
+  r_GEC = jnp.asarray(np.random.RandomState(22).normal(0, 1, (2, E, capacity)), jnp.float32)
+
+  def loss(kernel_DE):
+    out = _route(routing.ExpertChoiceRouter(), x, kernel_DE, capacity)
+    return jnp.sum(out.combine_GEC * r_GEC)
+
+  def reference_loss(kernel_DE):
+    _, combine, _ = _expert_choice_reference(x @ kernel_DE, jnp.ones((2, S), bool), capacity)
+    return jnp.sum(combine * r_GEC)
+
+  grad, reference_grad = jax.jit(lambda k: (jax.grad(loss)(k), jax.grad(reference_loss)(k)))(
+      kernel)
+  assert np.abs(grad).max() > 0.01
+  np.testing.assert_allclose(grad, reference_grad, rtol=1e-5, atol=1e-7)

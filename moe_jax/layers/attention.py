@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -62,11 +63,19 @@ class RelativePositionBias(nn.Module):
   embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
   @nn.compact
-  def __call__(self, q_len: int, k_len: int):
+  def __call__(self, q_len: int, k_len: int, q_offset=None):
+    """Bias [1, N, q_len, k_len] of queries at positions q_offset + [0, q_len) (offset 0, or a
+    traced scalar when decoding) against keys at [0, k_len)."""
+    bucket = functools.partial(relative_position_bucket, bidirectional=self.bidirectional,
+                               num_buckets=self.num_buckets, max_distance=self.max_distance)
     relative = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-    buckets_LM = relative_position_bucket(relative, bidirectional=self.bidirectional,
-                                          num_buckets=self.num_buckets,
-                                          max_distance=self.max_distance)
+    if q_offset is None:
+      buckets_LM = bucket(relative)
+    else:
+      # Bucket every offset a key can have with the numpy code above (bit-equal buckets), then
+      # look the traced ones up.
+      offsets = np.arange(-(q_len + k_len - 2), k_len)
+      buckets_LM = jnp.asarray(bucket(offsets))[relative - q_offset - offsets[0]]
     table_NK = self.param(
         "rel_embedding",
         nn.with_logical_partitioning(self.embedding_init, ("heads", "relpos_buckets")),
@@ -105,6 +114,13 @@ class MultiHeadDotProductAttention(nn.Module):
   """T5 attention: no 1/sqrt(H) in the logits, folded into the query init instead.
 
   Params `query`, `key`, `value` [D, N, H] and `out` [N, H, D] (flaxformer's names and shapes).
+
+  Decoding self-attention (`decode=True`, T5X's cache): the first call, on full-length inputs,
+  creates zeros `cached_key` / `cached_value` [B, M, N, H] in the "cache" collection; later
+  calls take one token per sequence, write its key/value at `decode_position` and attend over
+  all M cached positions (`bias_BNLM` masks the ones not yet written). Cross-attention needs no
+  cache: under jit, the projections of the fixed encoding leave the decoding loop (measured
+  10-15% faster than caching them, benchmarks/decode.py on CPU).
   """
   num_heads: int
   head_dim: int
@@ -113,7 +129,8 @@ class MultiHeadDotProductAttention(nn.Module):
   float32_logits: bool = True
 
   @nn.compact
-  def __call__(self, x_q_BLD, x_kv_BMD, bias_BNLM, deterministic: bool = True):
+  def __call__(self, x_q_BLD, x_kv_BMD, bias_BNLM, deterministic: bool = True, *,
+               decode: bool = False, decode_position=None):
     d_model, heads = x_q_BLD.shape[-1], (self.num_heads, self.head_dim)
     in_init = _projection_init(0, (1, 2))
 
@@ -127,6 +144,18 @@ class MultiHeadDotProductAttention(nn.Module):
     q_BLNH = projection("query", query_init)(x_q_BLD)
     k_BMNH = projection("key", in_init)(x_kv_BMD)
     v_BMNH = projection("value", in_init)(x_kv_BMD)
+    if decode:
+      stepping = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros_like, k_BMNH)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros_like, v_BMNH)
+      if stepping:
+        if decode_position is None:
+          raise ValueError("decoding steps need decode_position")
+        write = lambda cached, new_B1NH: jax.lax.dynamic_update_slice(
+            cached, new_B1NH, (0, decode_position, 0, 0))
+        cached_key.value = write(cached_key.value, k_BMNH)
+        cached_value.value = write(cached_value.value, v_BMNH)
+        k_BMNH, v_BMNH = cached_key.value, cached_value.value
     q_BLNH = nn.with_logical_constraint(q_BLNH, ("batch", "length", "heads", "kv"))
     if self.float32_logits:
       q_BLNH, k_BMNH = q_BLNH.astype(jnp.float32), k_BMNH.astype(jnp.float32)

@@ -59,6 +59,12 @@ class MoeLayer(nn.Module):
   SwitchTransformers routes. Capacity per expert per group comes from `routing.expert_capacity`
   with `train_capacity_factor` when `deterministic=False` and `eval_capacity_factor` otherwise,
   unless `expert_capacity` fixes it (capped at the group size).
+
+  Decoding (`decode=True`, needs `sequence_groups`): the first call, on full-length [B, T]
+  inputs, creates the "cache" collection's `expert_fill` [B, E], the slots each sequence's
+  earlier tokens fill in each expert's buffer; later calls route one token per sequence into
+  the slot it takes in the sequence's full group of T tokens (causal routing), with that group's
+  capacity, so one-token steps equal the full-length layer.
   """
   num_experts: int = 8
   router: routing.Router = routing.SwitchRouter()
@@ -100,8 +106,12 @@ class MoeLayer(nn.Module):
                                    self.min_expert_capacity)
 
   @nn.compact
-  def __call__(self, x_BLD, padding_mask_BL=None, deterministic: bool = True):
+  def __call__(self, x_BLD, padding_mask_BL=None, deterministic: bool = True, *,
+               decode: bool = False, max_decode_length: Optional[int] = None):
     batch, length, d_model = x_BLD.shape
+    if decode and not self.sequence_groups:
+      raise ValueError("MoeLayer decodes each sequence as its own routing group: set "
+                       "sequence_groups=True (moe_jax.decoding does)")
     if self.sequence_groups:
       groups = batch
     else:
@@ -111,10 +121,28 @@ class MoeLayer(nn.Module):
                                        ("batch", "unmodeled", "embed"))
     mask_GS = None if padding_mask_BL is None else padding_mask_BL.reshape(groups, group_size)
 
-    routes = self.router(x_GSD, num_experts=self.num_experts,
-                         capacity=self.capacity(group_size, deterministic),
-                         padding_mask_GS=mask_GS, deterministic=deterministic)
+    stepping = decode and self.has_variable("cache", "expert_fill")
+    fill = (self.variable("cache", "expert_fill", jnp.zeros, (batch, self.num_experts), jnp.int32)
+            if decode else None)
+    if stepping:
+      if max_decode_length is None:
+        raise ValueError("MoeLayer decoding steps need max_decode_length (the group's length)")
+      capacity = self.capacity(max_decode_length, deterministic)
+    else:
+      capacity = self.capacity(group_size, deterministic)
+    routes = self.router(x_GSD, num_experts=self.num_experts, capacity=capacity,
+                         padding_mask_GS=mask_GS, deterministic=deterministic,
+                         expert_fill_GE=fill.value if stepping else None)
     self.sow(MOE_STATS, "router_stats", routes.stats)
+    if stepping:
+      # A step's group of one token fills at most one slot per expert, so the [E, C] buffers
+      # collapse to one slot each: the same outputs for C times less expert work.
+      kept_GE = jnp.sum(routes.valid_GEC, axis=-1, dtype=jnp.int32)
+      fill.value = fill.value + kept_GE
+      routes = routing.RouterOutput(
+          jnp.zeros(kept_GE.shape + (1,), jnp.int32),
+          jnp.sum(routes.combine_GEC, axis=-1, keepdims=True), kept_GE[..., None] > 0,
+          routes.stats)
 
     dispatch, combine = dispatch_lib.BACKENDS[self.dispatch]
     local_axes = (None, "batch", None, "embed")  # the buffers of this shard's groups

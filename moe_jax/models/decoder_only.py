@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import gin
@@ -23,13 +23,16 @@ class SparseDecoderOnly(nn.Module):
 
   @nn.compact
   def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
-               decoder_positions=None, enable_dropout: bool = False):
+               decoder_positions=None, enable_dropout: bool = False, decode: bool = False,
+               max_decode_length: Optional[int] = None):
+    """Logits [B, L, V]; `decode=True` steps a cache (see SparseDecoder)."""
     del decoder_positions  # implied by relative attention within each (packed) segment
     embedder = Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name="token_embedder")
     padding_BL = decoder_padding_mask(decoder_input_tokens, decoder_target_tokens,
                                       decoder_segment_ids)
     y_BLD = self.decoder(embedder(decoder_input_tokens), padding_BL, decoder_segment_ids,
-                         deterministic=not enable_dropout)
+                         deterministic=not enable_dropout, decode=decode,
+                         max_decode_length=max_decode_length)
     return LogitsHead(self.vocab_size, self.logits_via_embedding, self.dtype,
                       name="logits_head")(y_BLD, embedder)
 

@@ -91,21 +91,23 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD, self_bias_BNLM, padding_mask_BL, *, encoded_BMD=None,
-               cross_bias_BNLM=None, deterministic: bool = True):
+               cross_bias_BNLM=None, deterministic: bool = True, decode: bool = False,
+               decode_position=None, max_decode_length: Optional[int] = None):
     dropout = lambda y: nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
 
-    def attention(name, norm_name, y, kv, bias):
+    def attention(name, norm_name, y, kv, bias, cached=False):
       h = RMSNorm(dtype=self.dtype, name=norm_name)(y)
       kv = h if kv is None else kv
       h = MultiHeadDotProductAttention(self.num_heads, self.head_dim, self.dropout_rate,
-                                       self.dtype, name=name)(h, kv, bias, deterministic)
+                                       self.dtype, name=name)(
+          h, kv, bias, deterministic, decode=cached, decode_position=decode_position)
       return y + dropout(h)
 
     if self.decoder:
       x_BLD = attention("self_attention", "pre_self_attention_layer_norm", x_BLD, None,
-                        self_bias_BNLM)
-      if encoded_BMD is not None:
+                        self_bias_BNLM, cached=decode)
+      if encoded_BMD is not None:  # recomputed from the encoding (see the attention's doc)
         x_BLD = attention("encoder_decoder_attention", "pre_cross_attention_layer_norm", x_BLD,
                           encoded_BMD, cross_bias_BNLM)
     else:
@@ -117,7 +119,10 @@ class TransformerLayer(nn.Module):
       ffns.append(("extra_mlp", self.extra_mlp))
     for name, ffn in ffns:
       h = RMSNorm(dtype=self.dtype, name=f"pre_{name}_layer_norm")(x_BLD)
-      h = ffn(h, padding_mask_BL, deterministic=deterministic)
+      # Only MoE layers keep decoding state (their experts' buffer fill).
+      decode_kw = (dict(decode=True, max_decode_length=max_decode_length)
+                   if decode and isinstance(ffn, MoeLayer) else {})
+      h = ffn(h, padding_mask_BL, deterministic=deterministic, **decode_kw)
       x_BLD = nn.with_logical_constraint(x_BLD + dropout(h), ("batch", "length", "embed"))
     return x_BLD
 
@@ -150,6 +155,9 @@ class _SparseStack(nn.Module):
   def sparse_layers(self) -> tuple[int, ...]:
     return sparse_layer_indices(self.num_layers, self.num_sparse_layers, self.sparse_layout)
 
+  # Not a module method: gin re-evaluates the template's bound references (@SwitchRouter())
+  # when it is copied, and inside a wrapped method those would attach to this module.
+  @nn.nowrap
   def _moe_layer(self) -> MoeLayer:
     """An unbound copy of the `moe` template; a decoder's routes causally."""
     if not self.is_decoder:
@@ -159,15 +167,38 @@ class _SparseStack(nn.Module):
   @nn.compact
   def __call__(self, x_BLD, padding_mask_BL, segment_ids_BL=None, *, encoded_BMD=None,
                encoder_padding_mask_BM=None, encoder_segment_ids_BM=None,
-               deterministic: bool = True):
+               deterministic: bool = True, decode: bool = False,
+               max_decode_length: Optional[int] = None):
+    """Stack output [B, L, D].
+
+    `decode=True` (decoders; T5X's cache): the first call, on full-length [B, T] inputs,
+    creates the "cache" collection; each later call takes one token per sequence, at the next
+    position, and needs `max_decode_length` = T.
+    """
+    if decode and not self.is_decoder:
+      raise ValueError(f"{type(self).__name__} has no decoding mode")
     length = x_BLD.shape[1]
-    self_mask = attention_mask(padding_mask_BL, padding_mask_BL, causal=self.is_decoder,
-                               q_segment_BL=segment_ids_BL, kv_segment_BM=segment_ids_BL)
     relpos = RelativePositionBias(self.num_heads, bidirectional=not self.is_decoder,
                                   num_buckets=self.relative_attention_num_buckets,
                                   max_distance=self.relative_attention_max_distance,
                                   dtype=self.dtype, name="relpos_bias")
-    self_bias = mask_to_bias(self_mask) + relpos(length, length)
+    stepping = decode and self.has_variable("cache", "position")
+    position = None
+    if decode:  # the position of this step's token (one scalar: sequences step together)
+      index = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      position = index.value
+    if stepping:
+      index.value = position + 1
+      if max_decode_length is None or length != 1:
+        raise ValueError(f"decoding steps take one token [B, 1] and max_decode_length, got "
+                         f"length {length} and max_decode_length={max_decode_length}")
+      # The query's row of the full-length causal bias: keys written so far, at any position.
+      self_mask = jnp.arange(max_decode_length)[None, None, None, :] <= position
+      self_bias = mask_to_bias(self_mask) + relpos(1, max_decode_length, q_offset=position)
+    else:
+      self_mask = attention_mask(padding_mask_BL, padding_mask_BL, causal=self.is_decoder,
+                                 q_segment_BL=segment_ids_BL, kv_segment_BM=segment_ids_BL)
+      self_bias = mask_to_bias(self_mask) + relpos(length, length)
     cross_bias = None
     if encoded_BMD is not None:
       cross_bias = mask_to_bias(attention_mask(
@@ -185,7 +216,8 @@ class _SparseStack(nn.Module):
                                extra_mlp=extra, dropout_rate=self.dropout_rate, dtype=self.dtype,
                                name=f"layers_{i}")(
           x_BLD, self_bias, padding_mask_BL, encoded_BMD=encoded_BMD,
-          cross_bias_BNLM=cross_bias, deterministic=deterministic)
+          cross_bias_BNLM=cross_bias, deterministic=deterministic, decode=decode,
+          decode_position=position if stepping else None, max_decode_length=max_decode_length)
     x_BLD = RMSNorm(dtype=self.dtype, name="decoder_norm" if self.is_decoder else "encoder_norm")(
         x_BLD)
     return nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(x_BLD, deterministic=deterministic)
@@ -271,14 +303,16 @@ class SparseEncoderDecoder(nn.Module):
 
   def decode(self, encoded_BMD, encoder_input_tokens, decoder_input_tokens,
              decoder_target_tokens=None, encoder_segment_ids=None, decoder_segment_ids=None,
-             enable_dropout=False):
+             enable_dropout=False, decode: bool = False, max_decode_length: Optional[int] = None):
+    """Logits [B, L, V] given the encoding; `decode=True` steps a cache (see SparseDecoder)."""
     padding_BL = decoder_padding_mask(decoder_input_tokens, decoder_target_tokens,
                                       decoder_segment_ids)
     y_BLD = self.decoder(self.token_embedder(decoder_input_tokens), padding_BL,
                          decoder_segment_ids, encoded_BMD=encoded_BMD,
                          encoder_padding_mask_BM=encoder_input_tokens > 0,
                          encoder_segment_ids_BM=encoder_segment_ids,
-                         deterministic=not enable_dropout)
+                         deterministic=not enable_dropout, decode=decode,
+                         max_decode_length=max_decode_length)
     return self.logits_head(y_BLD, self.token_embedder)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,

@@ -1,4 +1,5 @@
-"""T5X-style gin flags: --gin_file (repeatable), --gin.NAME=VALUE, --gin_search_paths."""
+"""T5X-style gin flags: --gin_file and --gin_bindings (repeatable), --gin.NAME=VALUE,
+--gin_search_paths."""
 
 from __future__ import annotations
 
@@ -82,20 +83,31 @@ def _quiet_include_probing():
 def add_gin_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--gin_file", action="append", default=[],
                       help="gin file (repeatable), relative to the search paths")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="gin binding 'NAME = VALUE' (repeatable, T5X's flag), the same as "
+                      "--gin.NAME=VALUE")
   parser.add_argument("--gin_search_paths", default="",
                       help="comma-separated extra directories to find gin files in")
 
 
 def parse_flags(argv: Sequence[str], parser: argparse.ArgumentParser | None = None):
-  """Parses argv; `--gin.NAME=VALUE` become bindings. Returns (args, bindings); parses gin."""
+  """Parses argv; `--gin.NAME=VALUE` and `--gin_bindings` become bindings, applied in the
+  order given (a later one wins). Returns (args, bindings); parses gin."""
   parser = parser or argparse.ArgumentParser()
   add_gin_flags(parser)
   args, rest = parser.parse_known_args(argv)
-  bindings = []
-  for flag in rest:
-    if not flag.startswith("--gin.") or "=" not in flag:
-      parser.error(f"unrecognized argument {flag!r} (gin bindings are --gin.NAME=VALUE)")
-    bindings.append(flag[len("--gin."):])
+  # Order matters when a name is bound twice: walk argv, not the two kinds separately.
+  bindings, extra = [], iter(args.gin_bindings)
+  unknown = [flag for flag in rest if not (flag.startswith("--gin.") and "=" in flag)]
+  if unknown:
+    parser.error(f"unrecognized argument {unknown[0]!r} (gin bindings are --gin.NAME=VALUE or "
+                 f"--gin_bindings='NAME = VALUE')")
+  for i, flag in enumerate(argv):
+    if flag.startswith("--gin.") and "=" in flag:
+      bindings.append(flag[len("--gin."):])
+    elif flag.startswith("--gin_bindings=") or (flag == "--gin_bindings" and i + 1 < len(argv)):
+      bindings.append(next(extra))
+  bindings.extend(extra)  # given under an abbreviation argparse accepted
   if not args.gin_file:
     parser.error("at least one --gin_file is required")
   search = [p for p in args.gin_search_paths.split(",") if p]

@@ -17,32 +17,25 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from moe_jax import decoding
 from moe_jax.models import build_network
 from moe_jax.models.summary import abstract_variables
 from moe_jax.train import checkpoints as ckpt_lib
 from moe_jax.train import partitioning
-from moe_jax.train.trainer import eval_step, input_batches, mean_metrics
+from moe_jax.train.trainer import check_task, eval_step, input_batches
+from moe_jax.train.trainer import evaluate as evaluate_batches
 
 
 def load_params_onto_mesh(network, checkpoint_path: str, mesh):
   """Checkpoint params placed with the logical-rule shardings of `mesh` (shapes checked)."""
   params = ckpt_lib.load_params(checkpoint_path)
   boxed = abstract_variables(network)
-  expected = ckpt_lib.shape_table(nn.unbox(boxed["params"]))
-  if ckpt_lib.shape_table(params) != expected:
-    raise ValueError(f"checkpoint {checkpoint_path!r} does not hold this model's parameters "
-                     f"(names or shapes differ); check the --gin_file model config")
+  ckpt_lib.check_same_shapes(ckpt_lib.shape_table(params),
+                             ckpt_lib.shape_table(nn.unbox(boxed["params"])),
+                             f"checkpoint {checkpoint_path!r}", "Check the --gin_file model config.")
   return jax.device_put(params, partitioning.logical_shardings(boxed["params"], mesh))
-
-
-def _task_info(task: str):
-  import seqio  # pylint: disable=g-import-not-at-top
-  from moe_jax import data  # pylint: disable=g-import-not-at-top  (registers the tasks)
-  data.get_feature_converter(task)  # clear error for unknown names
-  features = seqio.get_mixture_or_task(task).output_features
-  return "inputs" in features, features["targets"].vocabulary
 
 
 def _batches(task, lengths, split, batch_size, *, pack, seed=0, max_batches=None):
@@ -60,46 +53,52 @@ def _text(vocab, tokens) -> str:
 
 
 def predict(network, params, batch: Mapping[str, np.ndarray], *, max_decode_length: int,
-            prompt_length: int = 0, temperature: float = 0.0, rng=None) -> np.ndarray:
+            prompt_length: int = 0, temperature: float = 0.0, rng=None, beam_size: int = 1,
+            alpha: float = 0.6) -> np.ndarray:
   """Decoded tokens for a batch: translation from encoder inputs, or LM continuation of the
-  first `prompt_length` target tokens."""
+  first `prompt_length` target tokens. Cached decoding; `beam_size` > 1: the best beam (length
+  penalty `alpha`, T5X's), otherwise greedy or sampled at `temperature`."""
   if "encoder_input_tokens" in batch:
-    decoded = decoding.decode_jit(network, params, max_decode_length=max_decode_length,
-                                  encoder_input_tokens=jnp.asarray(batch["encoder_input_tokens"]),
-                                  temperature=temperature, rng=rng)
+    inputs = dict(encoder_input_tokens=jnp.asarray(batch["encoder_input_tokens"]))
   else:
-    prompt = jnp.asarray(np.asarray(batch["decoder_target_tokens"])[:, :prompt_length])
-    decoded = decoding.decode_jit(network, params, max_decode_length=max_decode_length,
-                                  prompt_BP=prompt, temperature=temperature, rng=rng)
-  return np.asarray(decoded)
+    inputs = dict(prompt_BP=jnp.asarray(
+        np.asarray(batch["decoder_target_tokens"])[:, :prompt_length]))
+  if beam_size > 1:
+    beams, _ = decoding.beam_search_jit(network, params, beam_size=beam_size,
+                                        max_decode_length=max_decode_length, alpha=alpha,
+                                        **inputs)
+    return np.asarray(beams[:, 0])
+  return np.asarray(decoding.decode_jit(network, params, max_decode_length=max_decode_length,
+                                        temperature=temperature, rng=rng, **inputs))
 
 
 @gin.configurable(module="moe_jax.inference")
 def evaluate(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
              task_feature_lengths: Mapping[str, int] = gin.REQUIRED, split: str = "validation",
              batch_size: int = 32, max_batches: Optional[int] = None, bleu: Optional[bool] = None,
-             output_dir: Optional[str] = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> dict:
+             output_dir: Optional[str] = None, mesh_shape: Sequence[int] = (1, -1, 1),
+             beam_size: int = 1) -> dict:
   """Token-weighted loss / accuracy over a split and, for translation tasks, corpus BLEU of
-  greedy decodes; written to `<output_dir or checkpoint dir>/eval_<task>_<split>.json`."""
+  greedy (or `beam_size` beam search) decodes; written to
+  `<output_dir or checkpoint dir>/eval_<task>_<split>.json`."""
   network = build_network()
-  has_inputs, vocab = _task_info(mixture_or_task_name)
+  has_inputs, vocab = check_task(mixture_or_task_name, network)
   mesh = partitioning.make_mesh(mesh_shape)
   with jax.set_mesh(mesh):
     params = load_params_onto_mesh(network, checkpoint_path, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, network=network))
-    history = []
-    for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
-                          pack=True, max_batches=max_batches):
-      history.append(jax.device_get(eval_fn(params, batch)))
-    if not history:
+    metrics = evaluate_batches(eval_fn, params, _batches(
+        mixture_or_task_name, task_feature_lengths, split, batch_size, pack=True,
+        max_batches=max_batches))
+    if not metrics:
       raise ValueError(f"{mixture_or_task_name!r} split {split!r} yielded no batch")
-    metrics = {k: v for k, v in mean_metrics(history).items() if np.ndim(v) == 0}
+    metrics = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
     if has_inputs if bleu is None else bleu:
       targets, predictions = [], []
       for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
                             pack=False, max_batches=max_batches):
         decoded = predict(network, params, batch,
-                          max_decode_length=task_feature_lengths["targets"])
+                          max_decode_length=task_feature_lengths["targets"], beam_size=beam_size)
         targets += [_text(vocab, t) for t in batch["decoder_target_tokens"]]
         predictions += [_text(vocab, p) for p in decoded]
       from moe_jax import data  # pylint: disable=g-import-not-at-top
@@ -110,7 +109,7 @@ def evaluate(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gi
   path = os.path.join(out_dir, f"eval_{mixture_or_task_name}_{split}.json")
   with open(path, "w") as f:
     json.dump(metrics, f, indent=1)
-  print(json.dumps(metrics), f"\nwritten to {path}", flush=True)
+  logging.info("%s written to %s", json.dumps(metrics), path)
   return metrics
 
 
@@ -119,11 +118,12 @@ def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.R
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, split: str = "test",
           batch_size: int = 16, num_examples: Optional[int] = 64, prompt_length: int = 32,
           temperature: float = 0.0, seed: int = 0, output_file: Optional[str] = None,
-          mesh_shape: Sequence[int] = (1, -1, 1)) -> str:
-  """Decodes `num_examples` of a split (greedy, or sampling with temperature > 0) and writes
+          mesh_shape: Sequence[int] = (1, -1, 1), beam_size: int = 1) -> str:
+  """Decodes `num_examples` of a split (greedy, sampling with temperature > 0, or beam search
+  with beam_size > 1) and writes
   {"inputs", "target", "prediction"} lines; returns the file's path."""
   network = build_network()
-  has_inputs, vocab = _task_info(mixture_or_task_name)
+  has_inputs, vocab = check_task(mixture_or_task_name, network)
   if not has_inputs and not 0 < prompt_length < task_feature_lengths["targets"]:
     raise ValueError(f"prompt_length must be in (0, {task_feature_lengths['targets']}) for a "
                      f"language-model task, got {prompt_length}")
@@ -140,7 +140,8 @@ def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.R
                           pack=False, seed=seed):
       rng, batch_rng = jax.random.split(rng)
       decoded = predict(network, params, batch, max_decode_length=task_feature_lengths["targets"],
-                        prompt_length=prompt_length, temperature=temperature, rng=batch_rng)
+                        prompt_length=prompt_length, temperature=temperature, rng=batch_rng,
+                        beam_size=beam_size)
       for row, tokens in enumerate(decoded):
         target = batch["decoder_target_tokens"][row]
         if has_inputs:
@@ -157,12 +158,12 @@ def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.R
     for record in itertools.islice(records(params), num_examples):
       f.write(json.dumps(record) + "\n")
       written += 1
-  print(f"{written} predictions written to {output_file}", flush=True)
+  logging.info("%d predictions written to %s", written, output_file)
   return output_file
 
 
 def generate_text(network, params, vocab, prompts: Sequence[str], *, max_decode_length: int,
-                  temperature: float = 0.0, seed: int = 0) -> list[str]:
+                  temperature: float = 0.0, seed: int = 0, beam_size: int = 1) -> list[str]:
   """Continuations of text prompts with a decoder-only LM (prompt excluded from the result)."""
   encoded = [list(vocab.encode(p)) for p in prompts]
   longest = max(len(e) for e in encoded)
@@ -174,5 +175,5 @@ def generate_text(network, params, vocab, prompts: Sequence[str], *, max_decode_
     prompt[row, :len(tokens)] = tokens
   decoded = predict(network, params, {"decoder_target_tokens": prompt},
                     max_decode_length=max_decode_length, prompt_length=longest,
-                    temperature=temperature, rng=jax.random.key(seed))
+                    temperature=temperature, rng=jax.random.key(seed), beam_size=beam_size)
   return [_text(vocab, tokens[len(e):]) for tokens, e in zip(decoded, encoded)]

@@ -1,21 +1,11 @@
-"""Decode examples of a split from a checkpoint into a JSON-lines file; T5X-style flags.
-
-  python scripts/infer.py --gin_file=models/switch_t5_tiny.gin --gin_file=runs/infer.gin \
-      --gin.CHECKPOINT_PATH="'runs/t5_tiny_mt'" [--gin.NAME=VALUE ...]
-"""
+"""Decode examples of a split from a checkpoint: `moe_jax.cli.infer` (run with --help for the flags)."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_jax import gin_utils, inference  # noqa: E402
-
-
-def main(argv):
-  gin_utils.parse_flags(argv)
-  inference.infer()
-
+from moe_jax import cli  # noqa: E402
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.infer()

@@ -15,6 +15,7 @@ import tempfile
 from typing import Optional
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from moe_jax.data import paths, sources
 
@@ -46,14 +47,17 @@ def prepare_tiny_shakespeare(data_dir: Optional[str] = None,
   except FileNotFoundError:
     pass
   source_file = source_file or paths.tiny_shakespeare_source()
+  tfds.disable_progress_bar()  # a build takes a second; our log lines say what happens
   builder = tfds.builder(sources.TINY_SHAKESPEARE, data_dir=data_dir)
   if source_file is None:
     if not _online():
       raise RuntimeError(
-          f"Cannot build TFDS '{sources.TINY_SHAKESPEARE}': no local text and no network "
-          f"({_DOWNLOAD_HOST} unreachable). Pass source_file= (--source_file) or set "
+          f"Cannot build TFDS '{sources.TINY_SHAKESPEARE}' in {data_dir!r}: no local text and "
+          f"no network ({_DOWNLOAD_HOST} unreachable). Pass source_file= (--source_file) or set "
           f"${paths.TINY_SHAKESPEARE_ENV} to a copy of karpathy/char-rnn's "
           "data/tinyshakespeare/input.txt.")
+    logging.info("TFDS '%s' is not in %s: downloading and building it.",
+                 sources.TINY_SHAKESPEARE, data_dir)
     builder.download_and_prepare()
     return sources.tiny_shakespeare_dir(data_dir)
   if not os.path.isfile(source_file):
@@ -63,13 +67,17 @@ def prepare_tiny_shakespeare(data_dir: Optional[str] = None,
       raise ValueError(
           f"{source_file!r} is not the text TFDS tiny_shakespeare is built from (karpathy/"
           "char-rnn data/tinyshakespeare/input.txt, 1115394 bytes): its sha256 differs.")
+  logging.info("TFDS '%s' is not in %s: building it from the local copy %s.",
+               sources.TINY_SHAKESPEARE, data_dir, source_file)
   with tempfile.TemporaryDirectory(prefix="tiny_shakespeare_manual_") as manual_dir:
     # TFDS looks for the download's file name (input.txt) in manual_dir.
     shutil.copyfile(source_file, os.path.join(manual_dir, "input.txt"))
     builder.download_and_prepare(
         download_dir=os.path.join(manual_dir, "downloads"),
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return sources.tiny_shakespeare_dir(data_dir)
+  version_dir = sources.tiny_shakespeare_dir(data_dir)
+  logging.info("Built TFDS '%s' in %s.", sources.TINY_SHAKESPEARE, version_dir)
+  return version_dir
 
 
 def main(argv=None) -> None:

@@ -71,8 +71,16 @@ def tiny_shakespeare_dir(data_dir: Optional[str] = None) -> str:
 
 
 def load_tiny_shakespeare_text(split: str, data_dir: Optional[str] = None) -> str:
-  """The whole text of one split of the prepared TFDS dataset."""
-  dataset_dir = tiny_shakespeare_dir(data_dir)
+  """The whole text of one split of the TFDS dataset, built first if it is not there yet.
+
+  Like `tfds.load(download=True)`, but from the local copy of the text when there is one; with
+  neither a copy nor a network the build fails at once with what to do.
+  """
+  try:
+    dataset_dir = tiny_shakespeare_dir(data_dir)
+  except FileNotFoundError:
+    from moe_jax.data import prepare  # pylint: disable=g-import-not-at-top  (imports this module)
+    dataset_dir = prepare.prepare_tiny_shakespeare(data_dir)
   ds = tfds.builder_from_directory(dataset_dir).as_dataset(split=split)
   texts = [ex["text"].decode("utf-8") for ex in tfds.as_numpy(ds)]
   if not texts or not "".join(texts).strip():

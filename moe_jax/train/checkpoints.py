@@ -6,27 +6,45 @@ the number of batches the data iterator has consumed, and every parameter's shap
 MODEL_DIR holding an incompatible model is refused with a clear message before compilation).
 Saves are atomic (orbax renames a finished temporary directory), so a run killed mid-save
 leaves a `*.orbax-checkpoint-tmp*` directory that is never picked up and is deleted when the
-directory is next opened.
+directory is next opened. A committed checkpoint that cannot be read back (disk damage) is
+renamed aside to `<step>.damaged` (never deleted) and the next older one is restored instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_SUFFIX = ".damaged"
 
 
 def shape_table(params) -> dict[str, list[int]]:
   flat = traverse_util.flatten_dict(params, sep="/")
   return {k: list(np.shape(v)) for k, v in sorted(flat.items())}
+
+
+def check_same_shapes(stored: dict[str, list[int]], ours: dict[str, list[int]],
+                      source: str, hint: str) -> None:
+  """ValueError naming the first parameters whose shapes differ (stored shape, then ours)."""
+  if stored == ours:
+    return
+  diff = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
+  shown = "; ".join(f"{k}: {stored.get(k, 'absent')} in the checkpoint, "
+                    f"{ours.get(k, 'absent')} in this model" for k in diff[:3])
+  raise ValueError(f"{source} does not hold this model's parameters: {len(diff)} differ in name "
+                   f"or shape, first {shown}. {hint}")
 
 
 def remove_unfinished_saves(directory: str) -> None:
@@ -42,8 +60,18 @@ def remove_unfinished_saves(directory: str) -> None:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` (async saves, keep the newest `max_to_keep`)."""
+  """Thin wrapper over `ocp.CheckpointManager` (async saves, keep the newest `max_to_keep`).
+
+  A failed save (disk full, no permission) raises a RuntimeError naming its step, from `save`,
+  `raise_if_save_failed` or `close` (an async save's error surfaces after it was started);
+  orbax deletes older checkpoints only after a save has committed, so they stay intact.
+  """
 
   def __init__(self, model_dir: str, max_to_keep: Optional[int] = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(model_dir), CHECKPOINT_SUBDIR)
@@ -52,14 +80,58 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save))
+    self._pending_step = None  # the step of a save that may still run in the background
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def damaged(self) -> list[str]:
+    """Checkpoints set aside as unreadable (`<step>.damaged*`)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(n for n in os.listdir(self.directory) if DAMAGED_SUFFIX in n)
+
+  # --- Saving. ------------------------------------------------------------------------------
+
+  def _save_failed(self, step, error: Exception) -> RuntimeError:
+    kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit() and int(n) != step)
+    return RuntimeError(
+        f"Saving the checkpoint of step {step} to {self.directory} failed: "
+        f"{type(error).__name__}: {error}. Stopping; the earlier checkpoints {kept} are intact "
+        f"(free space or fix permissions, then rerun the same command to resume).")
+
+  def _wait(self) -> None:
+    step, self._pending_step = self._pending_step, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._save_failed(step, e) from e
+
   def save(self, step: int, state, batches_consumed: int) -> None:
+    self._wait()  # the previous async save's error, if any, names that save's step
     meta = {"batches_consumed": int(batches_consumed), "param_shapes": shape_table(state.params)}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._save_failed(step, e) from e
+    self._pending_step = step
+
+  def raise_if_save_failed(self) -> None:
+    """Raises at once (without waiting) if a finished background save failed."""
+    if self._pending_step is not None and not self.manager.is_saving_in_progress():
+      self._wait()
+
+  def close(self) -> None:
+    try:
+      self._wait()
+    except RuntimeError:
+      with contextlib.suppress(Exception):  # the same save error again: raised just below
+        self.manager.close()
+      raise
+    self.manager.close()
+
+  # --- Restoring. ---------------------------------------------------------------------------
 
   def _meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -68,36 +140,92 @@ class Checkpointer:
     """How many batches the data iterator had yielded when `step` was saved."""
     return int(self._meta(step)["batches_consumed"])
 
-  def check_compatible(self, step: int, params) -> None:
-    """Raise ValueError naming the parameters whose shapes differ from the stored ones.
+  def _check_shapes(self, step: int, meta: dict, params) -> None:
+    check_same_shapes(meta["param_shapes"], shape_table(params),
+                      f"{self.directory} (step {step})",
+                      "Use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to fine-tune from it.")
+
+  def check_compatible(self, params) -> Optional[int]:
+    """The newest step whose metadata reads, after checking its parameter shapes; or None.
 
     `params`: this model's (abstract) params; only names and shapes are read, so the trainer
-    calls this before anything is compiled.
+    calls this before anything is compiled. Unreadable checkpoints are left to `restore_latest`.
     """
-    stored_shapes = self._meta(step)["param_shapes"]
-    ours = shape_table(params)
-    if stored_shapes != ours:
-      diff = sorted(k for k in set(stored_shapes) | set(ours)
-                    if stored_shapes.get(k) != ours.get(k))
-      raise ValueError(
-          f"{self.directory} holds a checkpoint (step {step}) of a different model: "
-          f"{len(diff)} parameter(s) differ in name or shape, e.g. "
-          f"{[(k, stored_shapes.get(k), ours.get(k)) for k in diff[:3]]}. "
-          f"Use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to fine-tune from it.")
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self._meta(step)
+      except Exception:  # pylint: disable=broad-exception-caught
+        continue
+      self._check_shapes(step, meta, params)
+      return step
+    return None
 
   def restore(self, step: int, abstract_state):
     """The state saved at `step`; arrays land with the shardings of `abstract_state`."""
-    self.check_compatible(step, abstract_state.params)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+    self._check_shapes(step, self._meta(step), abstract_state.params)
+    return self._restore_state(step, abstract_state)
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def _restore_state(self, step: int, abstract_state):
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+  def restore_latest(self, abstract_state) -> Optional[tuple[int, Any, int]]:
+    """(step, state, batches_consumed) of the newest checkpoint that reads back, or None.
+
+    A checkpoint whose metadata or arrays fail to read (truncated files, as disk damage leaves
+    them; orbax still lists it) is passed over for the next older one. Only once an older one
+    restores into the same target are the unreadable newer ones renamed aside (with a
+    warning): when every checkpoint fails alike, the cause is not damage (another optimizer,
+    memory), so nothing is renamed and the first error is raised, naming the directory.
+    """
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self._meta(step)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        failed.append((step, e))
+        continue
+      self._check_shapes(step, meta, abstract_state.params)  # another model: not damage
+      try:
+        state = self._restore_state(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        failed.append((step, e))
+        continue
+      for bad_step, error in failed:
+        self._set_aside(bad_step, error)
+      return step, state, int(meta["batches_consumed"])
+    if failed:
+      step, error = failed[0]
+      raise RuntimeError(
+          f"No readable checkpoint in {self.directory}: steps {[s for s, _ in failed]} all "
+          f"failed to restore; the newest (step {step}) with {type(error).__name__}: "
+          f"{str(error).strip()[:500]}. Nothing was moved or deleted. If the files are "
+          f"damaged, move a good copy of a checkpoint there, or use a new MODEL_DIR to start "
+          f"from scratch.") from error
+    if self.damaged():
+      raise RuntimeError(
+          f"No readable checkpoint in {self.directory}: only {self.damaged()}, set aside "
+          f"earlier as unreadable. Move a good copy of a checkpoint there, or use a new "
+          f"MODEL_DIR to start from scratch.")
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Renames an unreadable step directory to `<step>.damaged[.N]`, which orbax ignores."""
+    source = os.path.join(self.directory, str(step))
+    target = source + DAMAGED_SUFFIX
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = f"{source}{DAMAGED_SUFFIX}.{n}"
+    message = str(error).strip().splitlines()
+    logging.warning("Checkpoint of step %d in %s is unreadable (%s: %s); renaming it to %s "
+                    "and falling back to the previous checkpoint.", step, self.directory,
+                    type(error).__name__, message[0][:300] if message else "", target)
+    _sync(f"moe_jax_set_aside_{step}_start")
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    _sync(f"moe_jax_set_aside_{step}_done")
+    self.manager.reload()
 
 
 def resolve_checkpoint_path(path: str) -> tuple[str, int]:
@@ -126,11 +254,18 @@ def load_params(path: str) -> dict:
   """
   directory, step = resolve_checkpoint_path(path)
   state_dir = os.path.join(directory, str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  item = {"params": checkpointer.metadata(state_dir).item_metadata.tree["params"]}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
+  try:
+    # The item's tree metadata, read from the handler: `PyTreeCheckpointer.metadata` would also
+    # look for step metadata (`_CHECKPOINT_METADATA`) inside the item directory, where orbax
+    # never writes it (it lies one level up), and warn that it does not exist.
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+    item = {"params": tree["params"]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise RuntimeError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
+                       f"(damaged or incomplete?): {type(e).__name__}: {e}") from e
   return jax.tree.map(np.asarray, restored["params"])
 
 

@@ -97,10 +97,6 @@ def build_optimizer(optimizer: optax.GradientTransformation = gin.REQUIRED,
                                lambda params: path_labels(params, frozen_patterns))
 
 
-def learning_rate_of(schedule_or_value, step):
-  return schedule_or_value(step) if callable(schedule_or_value) else schedule_or_value
-
-
 @gin.configurable(module="moe_jax.train.optimizers")
 def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
   """A constant rate (T5 fine-tuning: Adafactor at 1e-3)."""

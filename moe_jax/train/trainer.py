@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
+import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -29,8 +30,6 @@ from moe_jax.models.summary import abstract_variables
 from moe_jax.train import checkpoints as ckpt_lib
 from moe_jax.train import partitioning
 from moe_jax.train.metrics import MetricsWriter, Progress
-
-log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -44,20 +43,61 @@ class TrainState:
 # Pure steps.
 
 
+def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, jax.Array], *,
+                   network: nn.Module, logit_z_loss: float = 0.0, num_microbatches: int = 1):
+  """(loss terms, grads) of a batch, computed over `num_microbatches` slices of it in turn.
+
+  Gradient accumulation: each microbatch's gradient is weighted by its share of the batch's
+  loss tokens, so the result equals the full-batch gradient for every token-mean term. The MoE
+  layer forms its routing groups from the tokens it is given, i.e. per microbatch: the result is
+  the full batch's whenever groups do not span sequences (max_group_size <= the length, or one
+  sequence per group). When groups span sequences, microbatching changes the group members,
+  and with them the balance loss and, where capacity binds, which tokens are dropped.
+  """
+  def terms_and_grads(batch, rngs, weight):
+    def loss_fn(params):
+      loss, terms = objectives.compute_loss(network, params, batch, rngs=rngs,
+                                            enable_dropout=True, logit_z_loss=logit_z_loss)
+      return loss * weight, terms
+    with partitioning.axis_rules():  # activation constraints (under jax.set_mesh): all-to-all
+      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return terms, grads
+
+  if num_microbatches == 1:
+    return terms_and_grads(batch, rngs, 1.0)
+  # Row i goes to microbatch i % M: every microbatch keeps rows on every data-parallel device.
+  micro = jax.tree.map(lambda x: jnp.swapaxes(
+      x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:]), 0, 1), batch)
+  targets = batch["decoder_target_tokens"]
+  weights = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
+  micro_tokens = jnp.sum(micro.get("decoder_loss_weights", micro["decoder_target_tokens"] > 0)
+                         .astype(jnp.float32), axis=tuple(range(1, targets.ndim + 1)))
+  shares = micro_tokens / jnp.maximum(jnp.sum(weights), 1.0)
+
+  def body(grads_sum, inputs):
+    index, mb, share = inputs
+    mb_rngs = {k: jax.random.fold_in(r, index) for k, r in rngs.items()}
+    terms, grads = terms_and_grads(mb, mb_rngs, share)
+    return jax.tree.map(jnp.add, grads_sum, grads), terms
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, terms = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro, shares))
+  # Token-weighted means, like the full batch's (num_tokens adds up).
+  terms = {k: jnp.sum(v, 0) if k == "num_tokens" else jnp.tensordot(shares, v, 1)
+           for k, v in terms.items()}
+  return terms, grads
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                network: nn.Module, optimizer: optax.GradientTransformation,
-               schedule: Optional[Callable] = None, logit_z_loss: float = 0.0):
+               schedule: Optional[Callable] = None, logit_z_loss: float = 0.0,
+               num_microbatches: int = 1):
   """One optimizer step; dropout / routing randomness is `fold_in(rng, step)` (resumable)."""
   step_rng = jax.random.fold_in(rng, state.step)
   dropout_rng, routing_rng = jax.random.split(step_rng)
   rngs = {"dropout": dropout_rng, ROUTING_RNG: routing_rng}
-
-  def loss_fn(params):
-    return objectives.compute_loss(network, params, batch, rngs=rngs, enable_dropout=True,
-                                   logit_z_loss=logit_z_loss)
-
-  with partitioning.axis_rules():  # activation constraints (under jax.set_mesh): all-to-all
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  terms, grads = loss_and_grads(state.params, batch, rngs, network=network,
+                                logit_z_loss=logit_z_loss, num_microbatches=num_microbatches)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # param_norm: the loop refuses (never checkpoints) a state whose new params are not finite.
@@ -169,17 +209,19 @@ def input_batches(task, feature_lengths, split, batch_size, *, shuffle, seed, nu
   return ds.as_numpy_iterator()
 
 
-def check_task(task: str, network) -> None:
-  """The task must exist and provide the features the network reads."""
-  from moe_jax import data  # pylint: disable=g-import-not-at-top
-  data.get_feature_converter(task)  # raises a ValueError naming unknown tasks
+def check_task(task: str, network=None):
+  """(has "inputs", targets vocabulary) of a registered task; with a network, it must read
+  the task's features (encoder-decoder for tasks with inputs, decoder-only otherwise)."""
   import seqio  # pylint: disable=g-import-not-at-top
-  has_inputs = "inputs" in seqio.get_mixture_or_task(task).output_features
-  wants_inputs = "encoder_input_tokens" in network.example_batch()
-  if has_inputs != wants_inputs:
-    kind = "encoder-decoder" if wants_inputs else "decoder-only"
+  from moe_jax import data  # pylint: disable=g-import-not-at-top  (registers the tasks)
+  data.get_feature_converter(task)  # raises a ValueError naming unknown tasks
+  features = seqio.get_mixture_or_task(task).output_features
+  has_inputs = "inputs" in features
+  if network is not None and has_inputs != ("encoder_input_tokens" in network.example_batch()):
+    kind = "decoder-only" if has_inputs else "encoder-decoder"
     raise ValueError(f"MIXTURE_OR_TASK_NAME={task!r} {'has' if has_inputs else 'has no'} "
                      f"'inputs' but the model is {kind}; pick a matching task or model config")
+  return has_inputs, features["targets"].vocabulary
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
@@ -197,8 +239,46 @@ def mean_metrics(history: Sequence[Mapping[str, Any]], weight_key: str = "num_to
   return out
 
 
+def evaluate(eval_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
+             to_device: Callable = lambda batch: batch) -> dict:
+  """Token-weighted mean of `eval_fn(params, batch)` over host batches ({} when none)."""
+  history = [jax.device_get(eval_fn(params, to_device(batch))) for batch in batches]
+  return mean_metrics(history) if history else {}
+
+
 # ------------------------------------------------------------------------------------------
 # The loop.
+
+
+def write_gin_config(model_dir: str) -> None:
+  """MODEL_DIR/config.gin: the operative config (the values this run uses), as T5X writes it.
+
+  Called once the network, optimizer and schedule are built, so it lists every parameter they
+  were built with, defaults included; `gin.config_str()` would list only what files and flags
+  bound. Process 0 only.
+  """
+  if jax.process_index() != 0:
+    return
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, "config.gin")
+  with open(path, "w") as f:
+    f.write(gin.operative_config_str())
+  logging.info("Operative gin config written to %s", path)
+
+
+def warn_if_t5x_step_count(train_steps: int, initial_checkpoint_path: str) -> None:
+  """Warns when TRAIN_STEPS looks like T5X's fine-tuning count (initial step + new steps).
+
+  moe_jax fine-tunes for TRAIN_STEPS steps from step 0 (params only, fresh optimizer state
+  and schedule); T5X continues the checkpoint's step count up to TRAIN_STEPS.
+  """
+  _, initial_step = ckpt_lib.resolve_checkpoint_path(initial_checkpoint_path)
+  if initial_step < train_steps <= 2 * initial_step:
+    logging.warning(
+        "TRAIN_STEPS=%d counts fine-tuning steps from 0 in moe_jax; T5X counts them on from "
+        "the initial checkpoint's step (%d). This run trains %d steps; if you meant %d more "
+        "steps (T5X's reading), set TRAIN_STEPS=%d.", train_steps, initial_step, train_steps,
+        train_steps - initial_step, train_steps - initial_step)
 
 
 @gin.configurable(module="moe_jax.train.trainer")
@@ -220,126 +300,133 @@ def train(model_dir: str = gin.REQUIRED,
           upcycle: bool = False,
           logit_z_loss: float = 1e-4,
           seed: int = 0,
+          num_microbatches: int = 1,
           tensorboard: bool = True,
           async_checkpoints: bool = True,
           pack: bool = True,
           network: Optional[nn.Module] = None) -> dict:
   """Trains `build_network()` (or `network`) on a seqio task; returns the last logged metrics.
 
-  Resumes from the newest complete checkpoint in MODEL_DIR/checkpoints if there is one
+  Resumes from the newest readable checkpoint in MODEL_DIR/checkpoints if there is one
   (params, optimizer state, step and data position: the losses are those of an uninterrupted
-  run). Otherwise starts from INITIAL_CHECKPOINT_PATH's params (fine-tuning) or from scratch.
+  run). Otherwise starts from INITIAL_CHECKPOINT_PATH's params (fine-tuning: TRAIN_STEPS more
+  steps, counted from 0) or from scratch.
   """
   # --- Validate everything before any compilation. ---------------------------------------
   if not model_dir:
     raise ValueError("MODEL_DIR must be set, e.g. --gin.MODEL_DIR=\"'runs/switch_tiny'\"")
   for name, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
-                      ("LOG_EVERY", log_every), ("CHECKPOINT_PERIOD", checkpoint_period)):
+                      ("LOG_EVERY", log_every), ("CHECKPOINT_PERIOD", checkpoint_period),
+                      ("NUM_MICROBATCHES", num_microbatches), ("EVAL_STEPS", eval_steps)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   network = build_network() if network is None else network
   mesh = partitioning.make_mesh(mesh_shape)
-  partitioning.check_network_fits_mesh(network, mesh, batch_size)
+  if batch_size % num_microbatches:
+    raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by NUM_MICROBATCHES="
+                     f"{num_microbatches}")
+  partitioning.check_network_fits_mesh(network, mesh, batch_size // num_microbatches)
   if batch_size % jax.process_count():
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the {jax.process_count()} "
                      f"processes")
   check_task(mixture_or_task_name, network)
   initial_params = None
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep_checkpoints, async_checkpoints)
-  resume_step = checkpointer.latest_step()
-  try:
-    if resume_step is not None:  # a MODEL_DIR of another model fails here, before compiling
-      checkpointer.check_compatible(resume_step,
-                                    nn.unbox(abstract_variables(network)["params"]))
-    elif initial_checkpoint_path:
+  try:  # closing waits for the last async save, and raises if it failed
+    # A MODEL_DIR of another model fails here, before compiling.
+    resume_step = checkpointer.check_compatible(nn.unbox(abstract_variables(network)["params"]))
+    if resume_step is None and not checkpointer.damaged() and initial_checkpoint_path:
+      warn_if_t5x_step_count(train_steps, initial_checkpoint_path)
       initial_params = ckpt_lib.load_params(initial_checkpoint_path)
-  except (ValueError, FileNotFoundError):
+    # Building the input pipeline now surfaces missing or empty data before any compilation.
+    skip = 0 if resume_step is None else checkpointer.batches_consumed(resume_step)
+    batches = input_batches(mixture_or_task_name, task_feature_lengths, "train", batch_size,
+                            shuffle=True, seed=seed, num_epochs=None, skip_batches=skip,
+                            pack=pack)
+    is_chief = jax.process_index() == 0
+    writer = MetricsWriter(model_dir, tensorboard=tensorboard, enabled=is_chief)
+
+    with jax.set_mesh(mesh):
+      # --- State: resume, fine-tune, or fresh. -------------------------------------------
+      shardings = state_shardings(network, optimizer, mesh)
+      rng = jax.random.key(seed)
+      resumed = checkpointer.restore_latest(abstract_state(network, optimizer, shardings))
+      if resumed is not None:
+        resume_step, state, batches_consumed = resumed
+        if batches_consumed != skip:  # fell back past an unreadable checkpoint
+          batches = input_batches(mixture_or_task_name, task_feature_lengths, "train",
+                                  batch_size, shuffle=True, seed=seed, num_epochs=None,
+                                  skip_batches=batches_consumed, pack=pack)
+        logging.info("Resumed from %s at step %d.", checkpointer.directory, resume_step)
+      elif initial_params is not None:
+        fresh = jax.device_get(init_state(network, optimizer, shardings, rng).params)
+        params, report = ckpt_lib.init_params_from(fresh, initial_params, upcycle=upcycle)
+        logging.info("Initialised from %s: %d params copied, %d upcycled into experts, %d "
+                     "fresh.", initial_checkpoint_path, len(report["copied"]),
+                     len(report["upcycled"]), len(report["fresh"]))
+        state = state_from_params(params, optimizer, shardings)
+      else:
+        state = init_state(network, optimizer, shardings, rng)
+      start_step = int(jax.device_get(state.step))
+      write_gin_config(model_dir)  # everything configurable is built by now
+
+      # --- Compiled steps. ---------------------------------------------------------------
+      data_sharding = partitioning.batch_sharding(mesh)
+      step_fn = jax.jit(
+          functools.partial(train_step, network=network, optimizer=optimizer,
+                            schedule=learning_rate_schedule, logit_z_loss=logit_z_loss,
+                            num_microbatches=num_microbatches),
+          in_shardings=(shardings, data_sharding, partitioning.replicated(mesh)),
+          out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
+      eval_fn = jax.jit(functools.partial(eval_step, network=network, logit_z_loss=logit_z_loss),
+                        in_shardings=(shardings.params, data_sharding),
+                        out_shardings=partitioning.replicated(mesh))
+
+      def run_eval(params) -> dict:
+        eval_batches = itertools.islice(input_batches(
+            mixture_or_task_name, task_feature_lengths, eval_split, batch_size, shuffle=False,
+            seed=seed, num_epochs=1, pack=pack), eval_steps)
+        return evaluate(eval_fn, params, eval_batches, lambda b: to_global(b, data_sharding))
+
+      # --- Train. ------------------------------------------------------------------------
+      progress = Progress(train_steps, start_step)
+      history, last, tokens, interval_start = [], {}, 0, time.time()
+      for step in range(start_step, train_steps):
+        try:
+          host_batch = next(batches)
+        except StopIteration:
+          raise ValueError(f"{mixture_or_task_name!r} yielded no training batch: is its train "
+                           f"split empty?") from None
+        tokens += int(sum(np.count_nonzero(host_batch[k]) for k in
+                          ("encoder_input_tokens", "decoder_target_tokens") if k in host_batch))
+        state, metrics = step_fn(state, to_global(host_batch, data_sharding), rng)
+        metrics = jax.device_get(metrics)
+        if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
+          raise FloatingPointError(
+              f"non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']} / norm of "
+              f"the updated params {metrics['param_norm']} at step {step + 1}; stopping without "
+              f"checkpointing this state (last checkpoint: {checkpointer.latest_step()})")
+        checkpointer.raise_if_save_failed()  # a background save's failure stops the run here
+        history.append(metrics)
+        done = step + 1
+        if done % log_every == 0 or done == train_steps:
+          elapsed = time.time() - interval_start
+          last = mean_metrics(history)
+          last["tokens_per_second"] = tokens / max(elapsed, 1e-9)
+          record = writer.write(done, last)
+          if is_chief:  # the console's one stream; all else goes through absl logging
+            print(progress.line(done, record["loss"], record["tokens_per_second"]), flush=True)
+          history, tokens, interval_start = [], 0, time.time()
+        if done % checkpoint_period == 0 or done == train_steps:
+          checkpointer.save(done, state, batches_consumed=done)
+        if eval_period and (done % eval_period == 0 or done == train_steps):
+          eval_metrics = run_eval(state.params)
+          if eval_metrics:
+            writer.write(done, eval_metrics, prefix="eval/")
+            logging.info("eval at step %d: loss %.4f accuracy %.4f", done,
+                         eval_metrics["loss"], eval_metrics["accuracy"])
+          interval_start = time.time()  # tokens/s counts training time only
+      writer.close()
+  finally:
     checkpointer.close()
-    raise
-  batches_consumed = 0 if resume_step is None else checkpointer.batches_consumed(resume_step)
-  # Building the input pipeline now surfaces missing or empty data before any compilation.
-  batches = input_batches(mixture_or_task_name, task_feature_lengths, "train", batch_size,
-                           shuffle=True, seed=seed, num_epochs=None,
-                           skip_batches=batches_consumed, pack=pack)
-  is_chief = jax.process_index() == 0
-  writer = MetricsWriter(model_dir, tensorboard=tensorboard, enabled=is_chief)
-
-  with jax.set_mesh(mesh):
-    # --- State: resume, fine-tune, or fresh. ---------------------------------------------
-    shardings = state_shardings(network, optimizer, mesh)
-    rng = jax.random.key(seed)
-    if resume_step is not None:
-      state = checkpointer.restore(resume_step, abstract_state(network, optimizer, shardings))
-      print(f"Resumed from {checkpointer.directory} at step {resume_step}.", flush=True)
-    elif initial_params is not None:
-      fresh = jax.device_get(init_state(network, optimizer, shardings, rng).params)
-      params, report = ckpt_lib.init_params_from(fresh, initial_params, upcycle=upcycle)
-      print(f"Initialised from {initial_checkpoint_path}: {len(report['copied'])} params copied, "
-            f"{len(report['upcycled'])} upcycled into experts, {len(report['fresh'])} fresh.",
-            flush=True)
-      state = state_from_params(params, optimizer, shardings)
-    else:
-      state = init_state(network, optimizer, shardings, rng)
-    start_step = int(jax.device_get(state.step))
-
-    # --- Compiled steps. -------------------------------------------------------------------
-    data_sharding = partitioning.batch_sharding(mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, network=network, optimizer=optimizer,
-                          schedule=learning_rate_schedule, logit_z_loss=logit_z_loss),
-        in_shardings=(shardings, data_sharding, partitioning.replicated(mesh)),
-        out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
-    eval_fn = jax.jit(functools.partial(eval_step, network=network, logit_z_loss=logit_z_loss),
-                      in_shardings=(shardings.params, data_sharding),
-                      out_shardings=partitioning.replicated(mesh))
-
-    def evaluate(params) -> dict:
-      history = []
-      for batch in itertools.islice(input_batches(
-          mixture_or_task_name, task_feature_lengths, eval_split, batch_size, shuffle=False,
-          seed=seed, num_epochs=1, pack=pack), eval_steps):
-        history.append(jax.device_get(eval_fn(params, to_global(batch, data_sharding))))
-      return mean_metrics(history) if history else {}
-
-    # --- Train. ----------------------------------------------------------------------------
-    progress = Progress(train_steps, start_step)
-    history, last, tokens, interval_start = [], {}, 0, time.time()
-    for step in range(start_step, train_steps):
-      try:
-        host_batch = next(batches)
-      except StopIteration:
-        raise ValueError(f"{mixture_or_task_name!r} yielded no training batch: is its train "
-                         f"split empty?") from None
-      tokens += int(sum(np.count_nonzero(host_batch[k]) for k in
-                        ("encoder_input_tokens", "decoder_target_tokens") if k in host_batch))
-      state, metrics = step_fn(state, to_global(host_batch, data_sharding), rng)
-      metrics = jax.device_get(metrics)
-      if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "param_norm")):
-        checkpointer.close()
-        raise FloatingPointError(
-            f"non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']} / norm of "
-            f"the updated params {metrics['param_norm']} at step {step + 1}; stopping without "
-            f"checkpointing this state (last checkpoint: {checkpointer.latest_step()})")
-      history.append(metrics)
-      done = step + 1
-      if done % log_every == 0 or done == train_steps:
-        elapsed = time.time() - interval_start
-        last = mean_metrics(history)
-        last["tokens_per_second"] = tokens / max(elapsed, 1e-9)
-        record = writer.write(done, last)
-        if is_chief:
-          print(progress.line(done, record["loss"], record["tokens_per_second"]), flush=True)
-        history, tokens, interval_start = [], 0, time.time()
-      if done % checkpoint_period == 0 or done == train_steps:
-        checkpointer.save(done, state, batches_consumed=done)
-      if eval_period and (done % eval_period == 0 or done == train_steps):
-        eval_metrics = evaluate(state.params)
-        if eval_metrics:
-          writer.write(done, eval_metrics, prefix="eval/")
-          if is_chief:
-            print(f"eval at step {done}: loss {eval_metrics['loss']:.4f} accuracy "
-                  f"{eval_metrics['accuracy']:.4f}", flush=True)
-        interval_start = time.time()  # tokens/s counts training time only
-    checkpointer.close()
-    writer.close()
   return last

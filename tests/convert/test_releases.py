@@ -36,7 +36,7 @@ def expected_num_params(config: dict) -> int:
 def test_checked_in_file_is_what_the_converter_emits(name):
   with open(os.path.join(REPO, "configs", "models", f"{name}.gin")) as f:
     assert f.read() == releases.release_gin(name), (
-        f"regenerate with: python -m moe_jax.convert.releases")
+        "regenerate with: python -m moe_jax.convert.releases")
 
 
 @pytest.mark.parametrize("name", sorted(releases.RELEASES))

@@ -112,13 +112,6 @@ def test_bad_split_and_lengths_are_clear_errors():
     get_dataset(tasks.MULTI30K_EN_DE, {"targets": 8}, "train", 2, False, 0)
 
 
-def test_missing_tfds_data_names_the_dir_and_the_fix(tmp_path, monkeypatch):
-  monkeypatch.setenv(paths.TFDS_DIR_ENV, str(tmp_path))
-  with pytest.raises(FileNotFoundError, match=f"not prepared in '{tmp_path}'.*"
-                     "python -m moe_jax.data.prepare"):
-    get_dataset(tasks.TINY_SHAKESPEARE_LM, {"targets": 64}, "train", 2, False, 0)
-
-
 def test_missing_or_empty_multi30k_names_the_file(tmp_path, monkeypatch):
   monkeypatch.setenv(paths.MULTI30K_DIR_ENV, str(tmp_path))
   lengths = {"inputs": 64, "targets": 64}

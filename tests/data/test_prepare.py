@@ -41,3 +41,20 @@ def test_env_vars_set_the_paths(monkeypatch, tmp_path):
   monkeypatch.delenv(paths.TFDS_DIR_ENV)
   monkeypatch.setenv("HOME", str(tmp_path))
   assert paths.tfds_data_dir() == str(tmp_path / "tensorflow_datasets")
+
+
+def test_reading_an_unprepared_dataset_builds_it(tmp_path, tiny_shakespeare_source, caplog):
+  """As tfds.load(download=True) would, from the local copy, saying so in the log."""
+  caplog.set_level("INFO")
+  text = sources.load_tiny_shakespeare_text("validation", str(tmp_path))
+  assert len(text) > 50_000  # the 56 kB validation split
+  assert sources.tiny_shakespeare_dir(str(tmp_path)).startswith(str(tmp_path))
+  assert any(f"building it from the local copy {tiny_shakespeare_source}" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_reading_unprepared_data_offline_without_source_fails_at_once(tmp_path, monkeypatch):
+  monkeypatch.setattr(paths, "tiny_shakespeare_source", lambda: None)
+  monkeypatch.setattr(prepare, "_online", lambda: False)
+  with pytest.raises(RuntimeError, match=f"in '{tmp_path}': no local text and no network"):
+    sources.load_tiny_shakespeare_text("train", str(tmp_path))

@@ -36,6 +36,9 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tfds_dir, tmp_path):
   gin_utils.parse_gin(GIN_FILES, BINDINGS + [f"MODEL_DIR='{straight}'"])
   trainer.train()
   expected = tiny.losses_by_step(straight)
+  # T5X's record of the run: the operative config (what the built model and run used).
+  config = (straight / "config.gin").read_text()
+  assert f"TRAIN_STEPS = {STEPS}" in config and "MoeLayer.num_experts = %NUM_EXPERTS" in config
   assert sorted(expected) == list(range(1, STEPS + 1))
 
   first_checkpoint = killed / ckpt_lib.CHECKPOINT_SUBDIR / str(PERIOD)
@@ -60,9 +63,12 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tfds_dir, tmp_path):
   restart = subprocess.run(_command(killed), cwd=REPO, capture_output=True, text=True,
                            timeout=300)
   assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
-  resumed_at = [line for line in restart.stdout.splitlines() if line.startswith("Resumed from")]
-  assert resumed_at, restart.stdout[-3000:]
+  # Our absl INFO lines go to stderr; stdout holds only the progress lines.
+  assert all(line.startswith("step ") for line in restart.stdout.splitlines()), restart.stdout
+  resumed_at = [line for line in restart.stderr.splitlines() if "] Resumed from" in line]
+  assert resumed_at, restart.stderr[-3000:]
   step = int(resumed_at[0].rsplit(" ", 1)[-1].rstrip("."))
+  assert "oneDNN" not in restart.stderr and "cuInit" not in restart.stderr
   assert PERIOD <= step <= max(before) and step % PERIOD == 0
 
   after = tiny.losses_by_step(killed)  # the restart's record of a re-run step wins

@@ -1,6 +1,7 @@
 """trainer.train end to end on tiny Shakespeare: expert parallelism matches one device, exact
 resume, non-finite losses stop the run, metrics.jsonl / TensorBoard, incompatible MODEL_DIR."""
 
+import functools
 import glob
 import os
 import shutil
@@ -12,7 +13,7 @@ import optax
 import pytest
 
 from moe_jax.train import checkpoints as ckpt_lib
-from moe_jax.train import trainer
+from moe_jax.train import partitioning, trainer
 from tests.train import tiny
 from tests.train.conftest import BASELINE_STEPS
 
@@ -134,3 +135,50 @@ def test_incompatible_model_dir_fails_before_compiling(baseline_dir, tmp_path, m
                                        r".*\[4, 16, 32\]"):
     tiny.train(tmp_path, BASELINE_STEPS + 5, net=tiny.network(num_experts=4))
   assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_microbatches_equal_the_full_batch():
+  """Gradient accumulation over 4 microbatches gives the full batch's loss terms, grads and
+  params to ~1e-6 (float32, no dropout; plain SGD with rate 1, so new params = params - grads).
+  Capacity never binds (factor = E) and each routing group is one sequence (max_group_size =
+  length), so microbatching does not change routing; rows have different amounts of padding,
+  so the token weighting of the microbatches is exercised."""
+  net = tiny.network(capacity_factor=tiny.EXPERTS)
+  opt = optax.sgd(1.0)
+  rng = np.random.default_rng(0)
+  targets = rng.integers(3, 384, (tiny.BATCH, tiny.LENGTH)).astype(np.int32)
+  for row, length in enumerate([32, 5, 20, 32, 9, 32, 27, 14]):
+    targets[row, length:] = 0
+  batch = {"decoder_target_tokens": targets,
+           "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0)))}
+  mesh = partitioning.make_mesh((1, 1, 1))
+  results = {}
+  with jax.set_mesh(mesh):
+    state = trainer.init_state(net, opt, trainer.state_shardings(net, opt, mesh),
+                               jax.random.key(0))
+    for m in (1, 4):
+      new_state, metrics = jax.jit(functools.partial(
+          trainer.train_step, network=net, optimizer=opt, logit_z_loss=1e-4,
+          num_microbatches=m))(state, batch, jax.random.key(3))
+      grads = jax.tree.map(lambda old, new: old - new, state.params, new_state.params)
+      results[m] = jax.device_get((metrics, grads))
+  (full_metrics, full_grads), (metrics, grads) = results[1], results[4]
+  assert full_metrics["aux_loss"] > 0
+  assert 0 < full_metrics["num_tokens"] < tiny.BATCH * tiny.LENGTH
+  assert sorted(metrics) == sorted(full_metrics)
+  for key in metrics:
+    np.testing.assert_allclose(metrics[key], full_metrics[key], atol=1e-6, rtol=1e-6,
+                               err_msg=key)
+  assert optax.global_norm(full_grads) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), grads,
+               full_grads)
+
+
+def test_t5x_style_finetune_step_count_warns(baseline_dir, caplog):
+  """From a step-10 checkpoint, TRAIN_STEPS=15 reads like T5X's 10 + 5: warn; 3 does not."""
+  trainer.warn_if_t5x_step_count(3, baseline_dir)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+  trainer.warn_if_t5x_step_count(15, baseline_dir)
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert "TRAIN_STEPS=15 counts fine-tuning steps from 0" in warning
+  assert "set TRAIN_STEPS=5" in warning

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging as py_logging
 import os
@@ -85,6 +86,50 @@ def setup_console() -> None:
     handler.addFilter(_OursOrWarnings())
 
 
+# --- User errors: one message and a non-zero exit, no traceback. ------------------------------
+
+TRACEBACK_FLAG = "--traceback"
+TRACEBACK_ENV = "MOE_JAX_TRACEBACK"
+
+
+def is_user_error(error: BaseException) -> bool:
+  """The one place that decides: what the person running the command fixes (a flag, gin file
+  or binding, task, mesh, checkpoint, data, a diverging run) prints one line; anything else
+  (a bug, an XLA failure) keeps its traceback. Value, file-system and gin-syntax errors are
+  raised with messages naming the culprit, as are the error classes moe_jax defines."""
+  return (isinstance(error, (ValueError, OSError, SyntaxError, FloatingPointError))
+          or type(error).__module__.startswith("moe_jax."))
+
+
+def _message(error: BaseException) -> str:
+  # gin appends "In call to configurable 'train' (<function ...>)" lines: not the user's business.
+  lines = [line for line in str(error).splitlines()
+           if not line.strip().startswith("In call to configurable")]
+  return "\n".join(lines).strip() or type(error).__name__
+
+
+def entry_point(fn):
+  """Runs a command; a user error exits with status 1 and one message on stderr (the traceback
+  with --traceback or $MOE_JAX_TRACEBACK=1)."""
+  @functools.wraps(fn)
+  def main(argv: Optional[Sequence[str]] = None):
+    argv = _argv(argv)
+    if TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+      return fn(argv)
+    try:
+      return fn(argv)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if not is_user_error(e):
+        raise
+      sys.stderr.flush()
+      sys.stdout.flush()
+      print(f"{os.path.basename(sys.argv[0])}: error: {_message(e)}\n"
+            f"(for the traceback, rerun with {TRACEBACK_FLAG} or {TRACEBACK_ENV}=1)",
+            file=sys.stderr, flush=True)
+      sys.exit(1)
+  return main
+
+
 def _bool(value: str) -> bool:
   if value.lower() in ("1", "true", "yes"):
     return True
@@ -114,17 +159,21 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 
 def _parser(doc: str) -> argparse.ArgumentParser:
-  return argparse.ArgumentParser(description=doc,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument(TRACEBACK_FLAG, action="store_true",
+                      help=f"show the traceback of errors (also ${TRACEBACK_ENV}=1)")
+  return parser
 
 
-def _start(doc: str, argv: Optional[Sequence[str]]) -> None:
+def _start(doc: str, argv: Optional[Sequence[str]], model_from_checkpoint: bool = False) -> None:
   """What train/eval/infer share: a quiet console, flags and gin (errors before any device
   work), TensorFlow imported without its notices, then jax.distributed if asked for."""
   setup_console()
   parser = _parser(doc)
   add_process_flags(parser)
-  args, _ = gin_utils.parse_flags(_argv(argv), parser)
+  args, _ = gin_utils.parse_flags(_argv(argv), parser,
+                                  model_from_checkpoint=model_from_checkpoint)
   import_tensorflow_quietly()
   initialize_distributed(args)
 
@@ -145,6 +194,7 @@ same command with --multiprocess_gpu, or --coordinator_address=HOST:PORT --proce
 """
 
 
+@entry_point
 def train(argv: Optional[Sequence[str]] = None) -> dict:
   from moe_jax.train import trainer  # pylint: disable=g-import-not-at-top
   _start(TRAIN_DOC, argv)
@@ -154,26 +204,34 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
 EVAL_DOC = """Evaluate a checkpoint (loss, accuracy, BLEU for translation); T5X-style flags.
 
   moe-jax-eval --gin_file=models/switch_t5_tiny.gin --gin_file=runs/eval.gin \\
-      --gin.CHECKPOINT_PATH="'runs/t5_tiny_mt'" [--gin.NAME=VALUE ...]
+      --gin.CHECKPOINT_PATH="'runs/t5_tiny_mt'" [--gin.EVAL_STEPS=N] [--gin.NAME=VALUE ...]
+
+Without a model --gin_file, the run's recorded MODEL_DIR/config.gin is read first (the run file
+and flags still win). Metrics go to MODEL_DIR/eval_<task>_<split>.json.
 """
 
 
+@entry_point
 def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
   from moe_jax import inference  # pylint: disable=g-import-not-at-top
-  _start(EVAL_DOC, argv)
+  _start(EVAL_DOC, argv, model_from_checkpoint=True)
   return inference.evaluate()
 
 
 INFER_DOC = """Decode examples of a split from a checkpoint into a JSON-lines file; T5X-style flags.
 
   moe-jax-infer --gin_file=models/switch_t5_tiny.gin --gin_file=runs/infer.gin \\
-      --gin.CHECKPOINT_PATH="'runs/t5_tiny_mt'" [--gin.NAME=VALUE ...]
+      --gin.CHECKPOINT_PATH="'runs/t5_tiny_mt'" [--gin.NUM_EXAMPLES=N] [--gin.NAME=VALUE ...]
+
+Without a model --gin_file, the run's recorded MODEL_DIR/config.gin is read first (the run file
+and flags still win). Predictions go to MODEL_DIR/inference/<task>_<split>.jsonl.
 """
 
 
+@entry_point
 def infer(argv: Optional[Sequence[str]] = None) -> str:
   from moe_jax import inference  # pylint: disable=g-import-not-at-top
-  _start(INFER_DOC, argv)
+  _start(INFER_DOC, argv, model_from_checkpoint=True)
   return inference.infer()
 
 
@@ -183,6 +241,7 @@ MODEL_INFO_DOC = """Describe a configured model without allocating it.
 """
 
 
+@entry_point
 def model_info(argv: Optional[Sequence[str]] = None) -> dict:
   from moe_jax.models import build_network  # pylint: disable=g-import-not-at-top
   from moe_jax.models.summary import format_summary, summarize  # pylint: disable=g-import-not-at-top
@@ -217,6 +276,7 @@ QUICKSTART_FLAGS = [
 QUICKSTART_PROMPTS = ["ROMEO:\n", "First Citizen:\n"]
 
 
+@entry_point
 def quickstart(argv: Optional[Sequence[str]] = None) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   from moe_jax import inference  # pylint: disable=g-import-not-at-top

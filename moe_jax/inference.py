@@ -20,10 +20,12 @@ import numpy as np
 from absl import logging
 
 from moe_jax import decoding
+from moe_jax import gin_utils
 from moe_jax.models import build_network
 from moe_jax.models.summary import abstract_variables
 from moe_jax.train import checkpoints as ckpt_lib
 from moe_jax.train import partitioning
+from moe_jax.train.metrics import track
 from moe_jax.train.trainer import check_task, eval_step, input_batches
 from moe_jax.train.trainer import evaluate as evaluate_batches
 
@@ -32,17 +34,24 @@ def load_params_onto_mesh(network, checkpoint_path: str, mesh):
   """Checkpoint params placed with the logical-rule shardings of `mesh` (shapes checked)."""
   params = ckpt_lib.load_params(checkpoint_path)
   boxed = abstract_variables(network)
+  recorded = gin_utils.recorded_config(checkpoint_path)
+  hint = (f"Its run recorded its config in {recorded}: leave out the model --gin_file to use it "
+          f"(or pass --gin_file={recorded})." if recorded else
+          "Check the --gin_file model config.")
   ckpt_lib.check_same_shapes(ckpt_lib.shape_table(params),
                              ckpt_lib.shape_table(nn.unbox(boxed["params"])),
-                             f"checkpoint {checkpoint_path!r}", "Check the --gin_file model config.")
+                             f"checkpoint {checkpoint_path!r}", hint)
   return jax.device_put(params, partitioning.logical_shardings(boxed["params"], mesh))
 
 
-def _batches(task, lengths, split, batch_size, *, pack, seed=0, max_batches=None):
-  """One pass over the whole split (a last, smaller batch is kept), at most max_batches."""
-  return itertools.islice(input_batches(task, lengths, split, batch_size, shuffle=False,
-                                        seed=seed, num_epochs=1, pack=pack,
-                                        drop_remainder=False), max_batches)
+def _batches(task, lengths, split, batch_size, *, pack, seed=0, max_batches=None) -> list:
+  """One pass over the whole split (a last, smaller batch is kept), at most max_batches.
+
+  Read into host memory first (evaluation splits are small) so that progress can show a total.
+  """
+  return list(itertools.islice(input_batches(task, lengths, split, batch_size, shuffle=False,
+                                             seed=seed, num_epochs=1, pack=pack,
+                                             drop_remainder=False), max_batches))
 
 
 def _text(vocab, tokens) -> str:
@@ -87,16 +96,17 @@ def evaluate(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gi
   with jax.set_mesh(mesh):
     params = load_params_onto_mesh(network, checkpoint_path, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, network=network))
-    metrics = evaluate_batches(eval_fn, params, _batches(
+    metrics = evaluate_batches(eval_fn, params, track(_batches(
         mixture_or_task_name, task_feature_lengths, split, batch_size, pack=True,
-        max_batches=max_batches))
+        max_batches=max_batches), "eval loss"))
     if not metrics:
       raise ValueError(f"{mixture_or_task_name!r} split {split!r} yielded no batch")
     metrics = {k: v for k, v in metrics.items() if np.ndim(v) == 0}
     if has_inputs if bleu is None else bleu:
       targets, predictions = [], []
-      for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
-                            pack=False, max_batches=max_batches):
+      for batch in track(_batches(mixture_or_task_name, task_feature_lengths, split,
+                                  batch_size, pack=False, max_batches=max_batches),
+                         "eval decode"):
         decoded = predict(network, params, batch,
                           max_decode_length=task_feature_lengths["targets"], beam_size=beam_size)
         targets += [_text(vocab, t) for t in batch["decoder_target_tokens"]]
@@ -136,8 +146,9 @@ def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.R
   def records(params):
     """{"inputs", "target", "prediction"} per example, decoded a batch at a time."""
     rng = jax.random.key(seed)
-    for batch in _batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
-                          pack=False, seed=seed):
+    max_batches = None if num_examples is None else -(-num_examples // batch_size)
+    for batch in track(_batches(mixture_or_task_name, task_feature_lengths, split, batch_size,
+                                pack=False, seed=seed, max_batches=max_batches), "infer"):
       rng, batch_rng = jax.random.split(rng)
       decoded = predict(network, params, batch, max_decode_length=task_feature_lengths["targets"],
                         prompt_length=prompt_length, temperature=temperature, rng=batch_rng,
@@ -155,9 +166,10 @@ def infer(checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: str = gin.R
   written = 0
   with jax.set_mesh(mesh), open(output_file, "w") as f:
     params = load_params_onto_mesh(network, checkpoint_path, mesh)
-    for record in itertools.islice(records(params), num_examples):
-      f.write(json.dumps(record) + "\n")
-      written += 1
+    for record in records(params):  # read to the end (batches are bounded): progress ends
+      if num_examples is None or written < num_examples:
+        f.write(json.dumps(record) + "\n")
+        written += 1
   logging.info("%d predictions written to %s", written, output_file)
   return output_file
 

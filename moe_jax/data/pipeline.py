@@ -8,6 +8,7 @@ each row; segment ids (1, 2, ... per example, 0 on padding) and positions (resta
 each example) let attention and position biases keep them apart.
 """
 
+import difflib
 import logging
 from typing import Mapping, Optional
 
@@ -16,8 +17,25 @@ import tensorflow as tf
 
 from moe_jax.data import tasks
 
-EncDecFeatureConverter = seqio.EncDecFeatureConverter
-LMFeatureConverter = seqio.LMFeatureConverter
+
+
+class _TaskFeaturesOnly:
+  """Keeps only the features given lengths before converting: seqio's tokenize also keeps the
+  `*_pretokenized` texts, which packing would drop anyway, warning "Features not in
+  `features_length` will be removed during packing" for every dataset built."""
+
+  def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in task_feature_lengths},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return super().__call__(ds, task_feature_lengths)
+
+
+class EncDecFeatureConverter(_TaskFeaturesOnly, seqio.EncDecFeatureConverter):
+  pass
+
+
+class LMFeatureConverter(_TaskFeaturesOnly, seqio.LMFeatureConverter):
+  pass
 
 
 class _DropUncachedShuffleWarning(logging.Filter):
@@ -33,8 +51,11 @@ logging.getLogger("absl").addFilter(_DropUncachedShuffleWarning())
 
 def _get_provider(name: str) -> seqio.DatasetProviderBase:
   if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
-    raise ValueError(f"Unknown task or mixture {name!r}. moe_jax registers: "
-                     f"{', '.join(tasks.registered_task_names())}.")
+    known = tasks.registered_task_names()
+    close = difflib.get_close_matches(name, known, n=1)
+    guess = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown task or mixture {name!r}.{guess} moe_jax registers: "
+                     f"{', '.join(known)}.")
   return seqio.get_mixture_or_task(name)
 
 

@@ -7,7 +7,9 @@ locally, TFDS builds from it as a "manual" download (it still checks the file's 
 """
 
 import argparse
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import socket
@@ -22,6 +24,10 @@ from moe_jax.data import paths, sources
 _DOWNLOAD_HOST = "raw.githubusercontent.com"
 # Checked before TFDS (which checks it too) so that a wrong file gets a plain message.
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+class OfflineError(RuntimeError):
+  """A dataset that is neither prepared nor buildable without the network."""
 
 
 def _online(host: str = _DOWNLOAD_HOST, timeout_s: float = 3.0) -> bool:
@@ -51,7 +57,7 @@ def prepare_tiny_shakespeare(data_dir: Optional[str] = None,
   builder = tfds.builder(sources.TINY_SHAKESPEARE, data_dir=data_dir)
   if source_file is None:
     if not _online():
-      raise RuntimeError(
+      raise OfflineError(
           f"Cannot build TFDS '{sources.TINY_SHAKESPEARE}' in {data_dir!r}: no local text and "
           f"no network ({_DOWNLOAD_HOST} unreachable). Pass source_file= (--source_file) or set "
           f"${paths.TINY_SHAKESPEARE_ENV} to a copy of karpathy/char-rnn's "
@@ -69,7 +75,10 @@ def prepare_tiny_shakespeare(data_dir: Optional[str] = None,
           "char-rnn data/tinyshakespeare/input.txt, 1115394 bytes): its sha256 differs.")
   logging.info("TFDS '%s' is not in %s: building it from the local copy %s.",
                sources.TINY_SHAKESPEARE, data_dir, source_file)
-  with tempfile.TemporaryDirectory(prefix="tiny_shakespeare_manual_") as manual_dir:
+  # TFDS prints "Downloading and preparing dataset ..." even for a local file; ours say what
+  # happens.
+  with tempfile.TemporaryDirectory(prefix="tiny_shakespeare_manual_") as manual_dir, \
+      contextlib.redirect_stdout(io.StringIO()):
     # TFDS looks for the download's file name (input.txt) in manual_dir.
     shutil.copyfile(source_file, os.path.join(manual_dir, "input.txt"))
     builder.download_and_prepare(
@@ -88,6 +97,8 @@ def main(argv=None) -> None:
                       help=f"local tinyshakespeare.txt (default ${paths.TINY_SHAKESPEARE_ENV} "
                       "or ../shared/data/tinyshakespeare.txt)")
   args = parser.parse_args(argv)
+  from moe_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.setup_console()  # our INFO lines on stderr
   print(prepare_tiny_shakespeare(args.data_dir, args.source_file))
 
 

@@ -30,6 +30,10 @@ CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUFFIX = ".damaged"
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be saved or read back; the message says what to do."""
+
+
 def shape_table(params) -> dict[str, list[int]]:
   flat = traverse_util.flatten_dict(params, sep="/")
   return {k: list(np.shape(v)) for k, v in sorted(flat.items())}
@@ -68,7 +72,7 @@ def _sync(name: str) -> None:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` (async saves, keep the newest `max_to_keep`).
 
-  A failed save (disk full, no permission) raises a RuntimeError naming its step, from `save`,
+  A failed save (disk full, no permission) raises a CheckpointError naming its step, from `save`,
   `raise_if_save_failed` or `close` (an async save's error surfaces after it was started);
   orbax deletes older checkpoints only after a save has committed, so they stay intact.
   """
@@ -93,9 +97,9 @@ class Checkpointer:
 
   # --- Saving. ------------------------------------------------------------------------------
 
-  def _save_failed(self, step, error: Exception) -> RuntimeError:
+  def _save_failed(self, step, error: Exception) -> CheckpointError:
     kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit() and int(n) != step)
-    return RuntimeError(
+    return CheckpointError(
         f"Saving the checkpoint of step {step} to {self.directory} failed: "
         f"{type(error).__name__}: {error}. Stopping; the earlier checkpoints {kept} are intact "
         f"(free space or fix permissions, then rerun the same command to resume).")
@@ -106,6 +110,8 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise self._save_failed(step, e) from e
+    if step is not None:
+      logging.info("Checkpoint saved at step %d: %s", step, os.path.join(self.directory, str(step)))
 
   def save(self, step: int, state, batches_consumed: int) -> None:
     self._wait()  # the previous async save's error, if any, names that save's step
@@ -125,7 +131,7 @@ class Checkpointer:
   def close(self) -> None:
     try:
       self._wait()
-    except RuntimeError:
+    except CheckpointError:
       with contextlib.suppress(Exception):  # the same save error again: raised just below
         self.manager.close()
       raise
@@ -141,9 +147,13 @@ class Checkpointer:
     return int(self._meta(step)["batches_consumed"])
 
   def _check_shapes(self, step: int, meta: dict, params) -> None:
+    recorded = os.path.join(os.path.dirname(self.directory), "config.gin")
+    where = f" The run there recorded its config in {recorded}." if os.path.isfile(
+        recorded) else ""
     check_same_shapes(meta["param_shapes"], shape_table(params),
                       f"{self.directory} (step {step})",
-                      "Use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to fine-tune from it.")
+                      f"Use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to fine-tune from it."
+                      f"{where}")
 
   def check_compatible(self, params) -> Optional[int]:
     """The newest step whose metadata reads, after checking its parameter shapes; or None.
@@ -196,14 +206,14 @@ class Checkpointer:
       return step, state, int(meta["batches_consumed"])
     if failed:
       step, error = failed[0]
-      raise RuntimeError(
+      raise CheckpointError(
           f"No readable checkpoint in {self.directory}: steps {[s for s, _ in failed]} all "
           f"failed to restore; the newest (step {step}) with {type(error).__name__}: "
           f"{str(error).strip()[:500]}. Nothing was moved or deleted. If the files are "
           f"damaged, move a good copy of a checkpoint there, or use a new MODEL_DIR to start "
           f"from scratch.") from error
     if self.damaged():
-      raise RuntimeError(
+      raise CheckpointError(
           f"No readable checkpoint in {self.directory}: only {self.damaged()}, set aside "
           f"earlier as unreadable. Move a good copy of a checkpoint there, or use a new "
           f"MODEL_DIR to start from scratch.")
@@ -264,7 +274,7 @@ def load_params(path: str) -> dict:
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise RuntimeError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
+    raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
                        f"(damaged or incomplete?): {type(e).__name__}: {e}") from e
   return jax.tree.map(np.asarray, restored["params"])
 

@@ -6,9 +6,12 @@ import datetime
 import json
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
+import jax
 import numpy as np
+
+T = TypeVar("T")
 
 
 def to_python(value: Any):
@@ -54,10 +57,19 @@ class MetricsWriter:
           if array.ndim == 0:
             self._tf.summary.scalar(name, float(array))
           else:
-            for i, v in enumerate(array.reshape(-1)):
-              self._tf.summary.scalar(f"{name}/{i}", float(v))
+            self._write_per_expert(name, array.reshape(-1))
       self._summary_writers[split].flush()
     return record
+
+  def _write_per_expert(self, name: str, values: np.ndarray) -> None:
+    """One histogram per layer whose bucket i is expert i, its height the expert's value: one
+    TensorBoard card per MoE layer instead of a scalar curve per expert (those stay in
+    metrics.jsonl)."""
+    from tensorboard.plugins.histogram import metadata  # pylint: disable=g-import-not-at-top
+    index = np.arange(len(values), dtype=np.float64)
+    buckets = np.stack([index, index + 1, values], axis=1)  # (left edge, right edge, count)
+    self._tf.summary.write(name, self._tf.constant(buckets), metadata=(
+        metadata.create_summary_metadata(name, "per expert: bucket i = expert i")))
 
   def close(self):
     for writer in self._summary_writers.values():
@@ -65,14 +77,36 @@ class MetricsWriter:
 
 
 class Progress:
-  """Console line: step, loss, tokens/s and ETA."""
+  """Console line: step, loss, tokens/s and ETA (timed from the first logged step: it includes
+  compilation)."""
 
   def __init__(self, total_steps: int, first_step: int):
-    self.total, self.first, self.start = total_steps, first_step, time.time()
+    self.total, self.first = total_steps, first_step
+    self.mark = None  # (step, time) of the first line
 
   def line(self, step: int, loss: float, tokens_per_second: float) -> str:
-    done = step - self.first
-    elapsed = time.time() - self.start
-    eta = elapsed / max(done, 1) * (self.total - step)
-    return (f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_second:,.0f} tokens/s  "
+    now = time.time()
+    head = f"step {step}/{self.total}  loss {loss:.4f}"
+    if self.mark is None:
+      self.mark = (step, now)
+      if step < self.total:
+        return f"{head}  (first step, compilation included)"
+    mark_step, mark_time = self.mark
+    eta = (now - mark_time) / max(step - mark_step, 1) * (self.total - step)
+    return (f"{head}  {tokens_per_second:,.0f} tokens/s  "
             f"ETA {datetime.timedelta(seconds=int(eta))}")
+
+
+def track(items: Sequence[T], what: str, every_s: float = 10.0) -> Iterator[T]:
+  """Yields `items`, printing '<what>: batch i/n  ETA ...' after the first, then at most every
+  `every_s` seconds, and after the last (process 0; evaluation and inference progress)."""
+  start = last = time.time()
+  chief = jax.process_index() == 0
+  for i, item in enumerate(items):
+    yield item
+    done, now = i + 1, time.time()
+    if chief and (done in (1, len(items)) or now - last >= every_s):
+      eta = (now - start) / done * (len(items) - done)
+      print(f"{what}: batch {done}/{len(items)}  ETA {datetime.timedelta(seconds=int(eta))}",
+            flush=True)
+      last = now

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax import objectives
 from moe_jax.layers.routing import ROUTING_RNG
 from moe_jax.models import build_network
-from moe_jax.models.summary import abstract_variables
+from moe_jax.models.summary import abstract_variables, summarize
 from moe_jax.train import checkpoints as ckpt_lib
 from moe_jax.train import partitioning
 from moe_jax.train.metrics import MetricsWriter, Progress
@@ -266,6 +266,26 @@ def write_gin_config(model_dir: str) -> None:
   logging.info("Operative gin config written to %s", path)
 
 
+def log_run_setup(model_dir: str, network, mesh, tensorboard: bool) -> None:
+  """Where the run writes, what the model is, and which devices it runs on (absl INFO)."""
+  model_dir = os.path.abspath(model_dir)
+  logging.info("Model directory %s: checkpoints in %s, metrics in metrics.jsonl%s", model_dir,
+               os.path.join(model_dir, ckpt_lib.CHECKPOINT_SUBDIR),
+               f", TensorBoard: tensorboard --logdir {os.path.join(model_dir, 'tensorboard')}"
+               if tensorboard else "")
+  info = summarize(network)
+  layers = info["moe_layers"]
+  moe = (f"{len(layers)} MoE layers of {layers[0]['num_experts']} experts "
+         f"({layers[0]['router']}, {layers[0]['experts_per_token']:g} per token)"
+         if layers else "dense")
+  logging.info("Model %s: %s parameters, %s active per token, %s", info["network"],
+               f"{info['num_params']:,}", f"{info['active_params_per_token']:,}", moe)
+  devices = mesh.devices.reshape(-1)
+  logging.info("Mesh %s over %d %s device(s) in %d process(es)",
+               ", ".join(f"{k} {v}" for k, v in mesh.shape.items()), len(devices),
+               devices[0].platform.upper(), jax.process_count())
+
+
 def warn_if_t5x_step_count(train_steps: int, initial_checkpoint_path: str) -> None:
   """Warns when TRAIN_STEPS looks like T5X's fine-tuning count (initial step + new steps).
 
@@ -330,6 +350,7 @@ def train(model_dir: str = gin.REQUIRED,
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the {jax.process_count()} "
                      f"processes")
   check_task(mixture_or_task_name, network)
+  log_run_setup(model_dir, network, mesh, tensorboard)
   initial_params = None
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep_checkpoints, async_checkpoints)
   try:  # closing waits for the last async save, and raises if it failed
@@ -368,6 +389,11 @@ def train(model_dir: str = gin.REQUIRED,
       else:
         state = init_state(network, optimizer, shardings, rng)
       start_step = int(jax.device_get(state.step))
+      if start_step >= train_steps:
+        logging.info("Nothing left to do: %s is at step %d and TRAIN_STEPS=%d (raise "
+                     "TRAIN_STEPS to train on).", checkpointer.directory, start_step, train_steps)
+        writer.close()
+        return {}
       write_gin_config(model_dir)  # everything configurable is built by now
 
       # --- Compiled steps. ---------------------------------------------------------------
@@ -409,7 +435,8 @@ def train(model_dir: str = gin.REQUIRED,
         checkpointer.raise_if_save_failed()  # a background save's failure stops the run here
         history.append(metrics)
         done = step + 1
-        if done % log_every == 0 or done == train_steps:
+        # The first step too, so that a run shorter than LOG_EVERY is not silent until its end.
+        if done % log_every == 0 or done == train_steps or step == start_step:
           elapsed = time.time() - interval_start
           last = mean_metrics(history)
           last["tokens_per_second"] = tokens / max(elapsed, 1e-9)

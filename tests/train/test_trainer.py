@@ -87,10 +87,20 @@ def test_metrics_jsonl_and_tensorboard(baseline_dir):
   events = glob.glob(os.path.join(baseline_dir, "tensorboard", "train", "events.out.tfevents.*"))
   assert events, os.listdir(baseline_dir)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tags = {value.tag for event_file in events
-          for event in tf.compat.v1.train.summary_iterator(event_file)
-          for value in event.summary.value}
-  assert {"loss", "cross_entropy", "learning_rate", "expert_load/decoder/layers_1/mlp/0"} <= tags
+  values = [(event.step, value) for event_file in events
+            for event in tf.compat.v1.train.summary_iterator(event_file)
+            for value in event.summary.value]
+  tags = {value.tag for _, value in values}
+  assert {"loss", "cross_entropy", "learning_rate"} <= tags
+  # Expert load: one histogram per MoE layer (bucket i = expert i), no scalar per expert.
+  assert not [t for t in tags if t.startswith("expert_load/") and t.endswith("/0")], tags
+  last = {value.tag: value for step, value in values if step == BASELINE_STEPS}
+  for layer in ("decoder/layers_0/mlp", "decoder/layers_1/mlp"):
+    value = last[f"expert_load/{layer}"]
+    assert value.metadata.plugin_data.plugin_name == "histograms"
+    buckets = tf.make_ndarray(value.tensor)
+    np.testing.assert_array_equal(buckets[:, :2], [[i, i + 1] for i in range(tiny.EXPERTS)])
+    np.testing.assert_allclose(buckets[:, 2], records[-1][f"expert_load/{layer}"], rtol=1e-6)
   assert glob.glob(os.path.join(baseline_dir, "tensorboard", "eval", "events.out.tfevents.*"))
 
 

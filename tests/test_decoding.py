@@ -29,6 +29,10 @@ NETWORKS = {  # name -> (model config, bindings)
     "lm_top2": ("top2_tiny", TIGHT),
     "encdec_switch": ("switch_t5_tiny", TIGHT + ENC),
     "encdec_top2": ("switch_t5_tiny", TIGHT + ENC + TOP2_DECODER),
+    # Shazeer et al. (2017) gating, which scores with two projections of x (16 experts for
+    # the hierarchical one: 4 choices per token still exceed the 16 one-slot buffers).
+    "lm_noisy_top2": ("noisy_topk_tiny", TIGHT),
+    "lm_hierarchical": ("hierarchical_tiny", TIGHT),
 }
 
 

@@ -38,7 +38,9 @@ _SECOND_EXPERT_POLICIES = ("all", "random")
 class RouterStats:
   """Per-layer aux losses and routing metrics (float32, averaged over the real tokens).
 
-  load_balancing_loss: Switch `E * sum_e f_e * P_e` (see `load_balancing_loss`).
+  load_balancing_loss: the router's balance loss: Switch `E * sum_e f_e * P_e` (see
+    `load_balancing_loss`); the weighted importance + load losses for noisy top-k gating
+    (`moe_jax.layers.noisy_routing`); 0 for expert choice.
   z_loss: router z-loss `mean_tokens logsumexp(logits)^2` (Zoph et al. 2022).
   fraction_dropped: fraction of (non-padding) tokens that no expert processes.
   expert_load_E: [E] fraction of routing choices (before capacity) that go to each expert.
@@ -66,6 +68,23 @@ class RouterOutput:
   combine_GEC: jax.Array
   valid_GEC: jax.Array
   stats: RouterStats
+
+
+@struct.dataclass
+class TokenChoices:
+  """Each token's k expert choices before capacity: what tokens-choose routers differ in.
+
+  expert_GSK: [G, S, K] int32 chosen experts, best first. gate_GSK: [G, S, K] float32 combine
+  weights. valid_GSK: [G, S, K] bool, False for padding (and GShard's skipped 2nd choices).
+  top1_GS: [G, S] the best choice's score: batch-prioritized routing's order and the
+  router_confidence metric. load_balancing_loss, z_loss: the router's aux losses (RouterStats).
+  """
+  expert_GSK: jax.Array
+  gate_GSK: jax.Array
+  valid_GSK: jax.Array
+  top1_GS: jax.Array
+  load_balancing_loss: jax.Array
+  z_loss: jax.Array
 
 
 def expert_capacity(group_size: int, num_experts: int, k: float, capacity_factor: float,
@@ -167,11 +186,18 @@ class Router(nn.Module):
       # Multiplicative jitter on the router inputs (Switch Transformer, sec. 2.4).
       x_GSD *= jax.random.uniform(self.make_rng(ROUTING_RNG), x_GSD.shape, jnp.float32,
                                   1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-    logits_GSE = RouterWeights(self.kernel_init, name="router_weights")(x_GSD, num_experts)
     if padding_mask_GS is None or not self.ignore_padding_tokens:
-      mask_GS = jnp.ones(logits_GSE.shape[:2], bool)
+      mask_GS = jnp.ones(x_GSD.shape[:2], bool)
     else:
       mask_GS = padding_mask_GS.astype(bool)
+    return self.route_tokens(x_GSD, mask_GS, num_experts, capacity, deterministic,
+                             expert_fill_GE)
+
+  def route_tokens(self, x_GSD, mask_GS, num_experts, capacity, deterministic,
+                   expert_fill_GE=None) -> RouterOutput:
+    """Scores the tokens with `router_weights` and routes them; routers whose scores need
+    more than one projection of x (noisy gating) override this."""
+    logits_GSE = RouterWeights(self.kernel_init, name="router_weights")(x_GSD, num_experts)
     if expert_fill_GE is None:
       return self.route(logits_GSE, mask_GS, capacity, deterministic)
     return self.route(logits_GSE, mask_GS, capacity, deterministic, expert_fill_GE=expert_fill_GE)
@@ -243,7 +269,11 @@ class _TokensChoose(Router):
     super().__post_init__()
 
   def route(self, logits_GSE, mask_GS, capacity, deterministic, expert_fill_GE=None):
-    num_groups, group_size, num_experts = logits_GSE.shape
+    return self.fill_choices(self.choose(logits_GSE, mask_GS, deterministic), mask_GS,
+                             logits_GSE.shape[-1], capacity, expert_fill_GE)
+
+  def choose(self, logits_GSE, mask_GS, deterministic) -> TokenChoices:
+    """Softmax top-k choices with the Switch balance loss and the router z-loss."""
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
     gate_GSK, expert_GSK = top_k_experts(probs_GSE, self.k)
     top1_GS = gate_GSK[..., 0]
@@ -255,9 +285,18 @@ class _TokensChoose(Router):
       g1, g2 = gate_GSK[..., 0], gate_GSK[..., 1]
       u_GS = jax.random.uniform(self.make_rng(ROUTING_RNG), g1.shape)
       valid_GSK = valid_GSK.at[..., 1].set(valid_GSK[..., 1] & (u_GS < 2 * g2 / (g1 + g2)))
+    return TokenChoices(expert_GSK, gate_GSK, valid_GSK, top1_GS,
+                        load_balancing_loss(probs_GSE, expert_GSK, mask_GS),
+                        router_z_loss(logits_GSE, mask_GS))
 
+  def fill_choices(self, choices: TokenChoices, mask_GS, num_experts, capacity,
+                   expert_fill_GE=None) -> RouterOutput:
+    """The one path from (expert, gate) choices to buffers and metrics, shared by every
+    tokens-choose router: priority order, capacity, causal order, decode-time fill."""
+    expert_GSK, gate_GSK, valid_GSK = choices.expert_GSK, choices.gate_GSK, choices.valid_GSK
+    num_groups, group_size, k = expert_GSK.shape
     if self.batch_prioritized_routing:
-      order_GS = jnp.argsort(-jnp.where(mask_GS, top1_GS, -1.0), axis=-1, stable=True)
+      order_GS = jnp.argsort(-jnp.where(mask_GS, choices.top1_GS, -1.0), axis=-1, stable=True)
     else:
       order_GS = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
     # Choices in priority order: choice-major [G, K, S] -> [G, K*S], or token-major (causal)
@@ -276,12 +315,12 @@ class _TokensChoose(Router):
     kept_GS = jnp.zeros((num_groups, group_size), bool).at[
         jnp.arange(num_groups)[:, None], token_GA].max(kept_GA)
     stats = RouterStats(
-        load_balancing_loss=load_balancing_loss(probs_GSE, expert_GSK, mask_GS),
-        z_loss=router_z_loss(logits_GSE, mask_GS),
+        load_balancing_loss=choices.load_balancing_loss,
+        z_loss=choices.z_loss,
         fraction_dropped=_token_mean(1.0 - kept_GS, mask_GS),
         expert_load_E=_token_mean(
-            jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=-2) / self.k, mask_GS),
-        router_confidence=_token_mean(top1_GS, mask_GS))
+            jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=-2) / k, mask_GS),
+        router_confidence=_token_mean(choices.top1_GS, mask_GS))
     return RouterOutput(token_GEC, combine_GEC, valid_GEC, stats)
 
 

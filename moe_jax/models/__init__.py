@@ -4,7 +4,7 @@ import flax.linen as nn
 import gin
 
 # Registers every configurable network and layer with gin.
-from moe_jax.layers import dense, experts, moe, routing  # noqa: F401
+from moe_jax.layers import dense, experts, moe, noisy_routing, routing  # noqa: F401
 from moe_jax.models import decoder_only, t5  # noqa: F401
 
 

@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",  # event files written through tf.summary
     "sacrebleu==2.6.0",  # BLEU for translation (seqio 0.0.20 ships no text metrics)
     "safetensors==0.8.0",  # moe_jax.convert reads Hugging Face checkpoints (numpy, no torch)
+    "scikit-learn==1.9.1",  # the offline `digits` image task (load_digits ships in the wheel)
 ]
 
 setuptools.setup(
@@ -38,6 +39,8 @@ setuptools.setup(
         "moe-jax-infer=moe_jax.cli:infer",
         "moe-jax-model-info=moe_jax.cli:model_info",
     ]},
-    # transformers + torch (CPU wheel) are the reference the converter is tested against.
-    extras_require={"test": ["pytest==9.2.0", "transformers==5.24.0", "torch==2.13.0"]},
+    # transformers + torch (CPU wheel) are the reference the converter is tested against;
+    # pytest-xdist runs the suite's files in parallel workers (`make test`).
+    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "transformers==5.24.0",
+                             "torch==2.13.0"]},
 )

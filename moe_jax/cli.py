@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 # keep its warnings and errors. A user's own setting wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
+import gin  # noqa: E402
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
@@ -213,7 +214,8 @@ and flags still win). Metrics go to MODEL_DIR/eval_<task>_<split>.json.
 
 @entry_point
 def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
-  from moe_jax import inference  # pylint: disable=g-import-not-at-top
+  with gin.unlock_config():  # registering its configurables after an earlier command's parse
+    from moe_jax import inference  # pylint: disable=g-import-not-at-top
   _start(EVAL_DOC, argv, model_from_checkpoint=True)
   return inference.evaluate()
 
@@ -230,7 +232,8 @@ and flags still win). Predictions go to MODEL_DIR/inference/<task>_<split>.jsonl
 
 @entry_point
 def infer(argv: Optional[Sequence[str]] = None) -> str:
-  from moe_jax import inference  # pylint: disable=g-import-not-at-top
+  with gin.unlock_config():  # registering its configurables after an earlier command's parse
+    from moe_jax import inference  # pylint: disable=g-import-not-at-top
   _start(INFER_DOC, argv, model_from_checkpoint=True)
   return inference.infer()
 
@@ -296,9 +299,11 @@ def quickstart(argv: Optional[Sequence[str]] = None) -> None:
 
   model_dir = os.path.abspath(gin.query_parameter("%MODEL_DIR"))
   network = build_network()
-  params = inference.load_params_onto_mesh(network, model_dir, make_mesh((1, 1, 1)))
-  samples = inference.generate_text(network, params, get_vocabulary(), QUICKSTART_PROMPTS,
-                                    max_decode_length=160, temperature=0.8)
+  mesh = make_mesh((1, 1, 1))
+  params = inference.load_params_onto_mesh(network, model_dir, mesh)
+  samples = inference.generate_text(
+      network, params, get_vocabulary(), QUICKSTART_PROMPTS, max_decode_length=160,
+      temperature=0.8, model_state=inference.load_model_state_onto_mesh(network, model_dir, mesh))
   print("\nSamples (temperature 0.8):")
   for prompt, text in zip(QUICKSTART_PROMPTS, samples):
     print(f"---\n{prompt}{text}")

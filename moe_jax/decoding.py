@@ -18,6 +18,8 @@ template with `sequence_groups=True`, same parameters) with the capacity of a T-
   depends on the other rows of its batch (or beams), and the cached decode equals the full
   recompute exactly: each step's token takes the expert-buffer slot it has in its sequence's
   full-length group (`MoeLayer`'s `expert_fill` cache).
+Mixture-of-Depths blocks decode with their causal predictor instead of the (non-causal) top k
+of training (`decoding_network` sets `causal_selection`; see moe_jax.layers.mixture_of_depths).
 """
 
 from __future__ import annotations
@@ -32,23 +34,34 @@ NEG_INF = -1.0e7
 
 
 def decoding_network(network: nn.Module) -> nn.Module:
-  """`network` with one MoE routing group per sequence in its decoder (parameters unchanged)."""
-  moe = network.decoder.moe
-  if moe is None or moe.sequence_groups:
-    return network
-  return network.clone(decoder=network.decoder.clone(moe=moe.clone(sequence_groups=True)))
+  """`network` with one MoE routing group per sequence in its decoder (parameters unchanged).
+
+  A network whose MoE layers are not a `decoder` stack's (the LSTM LM) provides this copy
+  itself, as its `decoding_network()` method (which may refuse: a bidirectional model).
+  """
+  if hasattr(network, "decoding_network"):
+    return network.decoding_network()
+  decoder, changes = network.decoder, {}
+  if decoder.moe is not None and not decoder.moe.sequence_groups:
+    changes["moe"] = decoder.moe.clone(sequence_groups=True)
+  mod = getattr(decoder, "mixture_of_depths", None)
+  if mod is not None and not mod.causal_selection:
+    # Mixture-of-Depths: the per-token predictor decides in the recompute too, as in the steps.
+    changes["mixture_of_depths"] = mod.clone(causal_selection=True)
+  return network.clone(decoder=decoder.clone(**changes)) if changes else network
 
 
 class _Stepper:
   """Logits of position i given the tokens before it: from the cache, or by recomputing."""
 
-  def __init__(self, network, params, length: int, encoder_input_tokens, use_cache: bool,
+  def __init__(self, network, variables, length: int, encoder_input_tokens, use_cache: bool,
                repeat: int = 1):
-    self.network, self.params, self.length, self.use_cache = network, params, length, use_cache
+    self.network, self.variables, self.length = network, variables, length
+    self.use_cache = use_cache
     self.encoder_tokens = encoder_input_tokens
     self.encoded = None
     if encoder_input_tokens is not None:
-      self.encoded = network.apply({"params": params}, encoder_input_tokens,
+      self.encoded = network.apply(variables, encoder_input_tokens,
                                    method=network.encode)
       if repeat > 1:  # beams: each row's encoding once per beam, rows stay contiguous
         self.encoded = jnp.repeat(self.encoded, repeat, axis=0)
@@ -65,7 +78,7 @@ class _Stepper:
     if not self.use_cache:
       return None
     # The full-length call creates the cache; its logits are unused and jit drops their work.
-    _, state = self._apply({"params": self.params}, jnp.zeros((batch, self.length), jnp.int32),
+    _, state = self._apply(self.variables, jnp.zeros((batch, self.length), jnp.int32),
                            decode=True, max_decode_length=self.length, mutable=["cache"])
     return state["cache"]
 
@@ -74,13 +87,13 @@ class _Stepper:
     if self.use_cache:
       previous_B1 = jax.lax.dynamic_slice_in_dim(tokens_BT, jnp.maximum(i - 1, 0), 1, axis=1)
       previous_B1 = jnp.where(i == 0, 0, previous_B1)  # BOS 0 before the first token
-      logits_B1V, state = self._apply({"params": self.params, "cache": cache}, previous_B1,
+      logits_B1V, state = self._apply({**self.variables, "cache": cache}, previous_B1,
                                       decode=True, max_decode_length=self.length,
                                       mutable=["cache"])
       return logits_B1V[:, 0], state["cache"]
     inputs_BT = jnp.pad(tokens_BT[:, :-1], ((0, 0), (1, 0)))  # shift right behind BOS 0
     live_BT = jnp.broadcast_to(jnp.arange(self.length)[None] <= i, tokens_BT.shape)
-    logits_BTV = self._apply({"params": self.params}, inputs_BT,
+    logits_BTV = self._apply(self.variables, inputs_BT,
                              decoder_target_tokens=live_BT.astype(jnp.int32))
     return logits_BTV[:, i], None
 
@@ -108,20 +121,21 @@ def _pick(logits_BV, temperature, rng):
 
 def decode(network: nn.Module, params, *, max_decode_length: int, prompt_BP=None,
            encoder_input_tokens=None, temperature=0.0, rng=None, eos_id: int = 1,
-           cache: bool = True, return_logits: bool = False):
+           cache: bool = True, return_logits: bool = False, model_state=None):
   """Generated tokens [B, max_decode_length] (0 after EOS), greedy or sampled.
 
   Decoder-only: continues `prompt_BP` (0-padded on the right; may be empty) and returns the
   prompt followed by the continuation. Encoder-decoder: decodes from `encoder_input_tokens`.
   `cache=False` recomputes the whole decoder per token (the reference). `return_logits` also
-  returns each position's float32 logits [B, T, V].
+  returns each position's float32 logits [B, T, V]. `model_state`: the non-param collections
+  applied beside `params` (TrainState.model_state, e.g. router biases; None: none).
   """
   if isinstance(temperature, (int, float)) and temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   rng = jax.random.key(0) if rng is None else rng
   batch, tokens_BT, prompt_len_B = _start(max_decode_length, prompt_BP, encoder_input_tokens)
-  stepper = _Stepper(decoding_network(network), params, max_decode_length,
-                     encoder_input_tokens, cache)
+  stepper = _Stepper(decoding_network(network), {"params": params, **(model_state or {})},
+                     max_decode_length, encoder_input_tokens, cache)
 
   def step(i, carry):
     tokens_BT, done_B, rng, cache, logits_BTV = carry
@@ -172,7 +186,7 @@ def _reorder_cache(cache, beam_BK):
 
 def beam_search(network: nn.Module, params, *, beam_size: int, max_decode_length: int,
                 prompt_BP=None, encoder_input_tokens=None, alpha: float = 0.6,
-                eos_id: int = 1, cache: bool = True):
+                eos_id: int = 1, cache: bool = True, model_state=None):
   """The `beam_size` best sequences [B, K, T] (0 after EOS) and their scores [B, K], best first.
 
   T5X's beam search: score = log p(sequence) / brevity_penalty(alpha, length), length counting
@@ -181,6 +195,7 @@ def beam_search(network: nn.Module, params, *, beam_size: int, max_decode_length
   sequences (which keep their score and are never extended), the K best others stay alive.
   Sequences that reach max_decode_length without EOS count as finished at that length.
   Decoder-only prompts (as in `decode`) are forced and add no log-probability.
+  `model_state` as in `decode`.
   """
   if beam_size < 1:
     raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -188,8 +203,8 @@ def beam_search(network: nn.Module, params, *, beam_size: int, max_decode_length
   beams, length, vocab = beam_size, max_decode_length, network.vocab_size
   if 2 * beams > beams * vocab:
     raise ValueError(f"beam search needs a vocabulary of at least 2 tokens, got {vocab}")
-  stepper = _Stepper(decoding_network(network), params, length, encoder_input_tokens, cache,
-                     repeat=beams)
+  stepper = _Stepper(decoding_network(network), {"params": params, **(model_state or {})},
+                     length, encoder_input_tokens, cache, repeat=beams)
 
   def step(i, carry):
     alive_BKT, alive_lp_BK, done_BKT, done_score_BK, cache = carry

@@ -18,6 +18,11 @@ from flax import traverse_util
 
 from moe_jax.layers.moe import MOE_STATS
 from moe_jax.layers.routing import RouterStats
+from moe_jax.layers.score_routing import ROUTER_BIAS, ROUTER_LOAD
+
+# The network's persistent non-param collections (`TrainState.model_state`): updated outside
+# the optimizer, checkpointed, and applied beside the params everywhere.
+STATE_COLLECTIONS = (ROUTER_BIAS,)
 
 
 def cross_entropy(logits_BLV, targets_BL, weights_BL=None, logit_z_loss: float = 0.0):
@@ -80,17 +85,30 @@ def model_inputs(network, batch: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in batch.items() if k in accepted and k != "enable_dropout"}
 
 
-def compute_loss(network, params, batch: Mapping[str, Any], *, rngs=None,
-                 enable_dropout: bool = False, logit_z_loss: float = 0.0):
+def model_state_of(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """The STATE_COLLECTIONS of `variables` ({} for most models)."""
+  return {name: variables[name] for name in STATE_COLLECTIONS if name in variables}
+
+
+def compute_loss(network, params, batch: Mapping[str, Any], *, model_state=None, rngs=None,
+                 enable_dropout: bool = False, logit_z_loss: float = 0.0,
+                 return_router_load: bool = False):
   """Total loss and its terms for one batch: CE (+ logit z-loss) + weighted MoE aux losses.
 
   `batch` holds `decoder_target_tokens` (and optionally `decoder_loss_weights`) plus the
-  network's input features.
+  network's input features. `model_state`: the network's STATE_COLLECTIONS
+  (`TrainState.model_state`); None uses their initial values. `return_router_load` also
+  returns the ROUTER_LOAD collection that aux-loss-free routers sow in training
+  (`score_routing.update_router_bias`).
   """
-  logits, state = network.apply({"params": params}, **model_inputs(network, batch),
-                                enable_dropout=enable_dropout, rngs=rngs, mutable=[MOE_STATS])
+  mutable = [MOE_STATS, ROUTER_LOAD] + (list(STATE_COLLECTIONS) if model_state is None else [])
+  logits, state = network.apply({"params": params, **(model_state or {})},
+                                **model_inputs(network, batch), enable_dropout=enable_dropout,
+                                rngs=rngs, mutable=mutable)
   terms = cross_entropy(logits, batch["decoder_target_tokens"],
                         batch.get("decoder_loss_weights"), logit_z_loss)
   terms.update(moe_loss_terms(state))
   loss = terms["cross_entropy"] + terms["logit_z_loss"] + terms["aux_loss"] + terms["z_loss"]
+  if return_router_load:
+    return loss, dict(terms, loss=loss), state.get(ROUTER_LOAD, {})
   return loss, dict(terms, loss=loss)

@@ -33,6 +33,14 @@ NETWORKS = {  # name -> (model config, bindings)
     # the hierarchical one: 4 choices per token still exceed the 16 one-slot buffers).
     "lm_noisy_top2": ("noisy_topk_tiny", TIGHT),
     "lm_hierarchical": ("hierarchical_tiny", TIGHT),
+    # Mixture-of-Depths (Raposo et al. 2024) around a Switch block: the predictor picks the
+    # tokens, skipped ones are masked keys and padding to the router (MoDE, staged).
+    "lm_mod_switch": ("mod_tiny", TIGHT + ["SparseDecoder.moe=@decoder/MoeLayer()",
+                                           "NUM_DECODER_MOD_LAYERS=1"]),
+    # Attention experts: the cache holds SwitchHead's expert-mixed values, MoA's shared K, V
+    # (4 MoA experts, one relative-position head each, k = 2).
+    "lm_switchhead": ("switchhead_tiny", TIGHT),
+    "lm_moa": ("moa_tiny", TIGHT + ["NUM_HEADS=4"]),
 }
 
 

@@ -9,6 +9,8 @@ macro VOCABULARY_PATH names (e.g. a Switch release's `spiece.model`), looked up 
   corruption (15% noise, mean span 3) of windows sized to fit `sequence_length["inputs"]`, + EOS.
 - `multi30k_en_de` (Multi30k gzip files): "inputs" = "translate English to German: <en>",
   "targets" = "<de>", + EOS; metric BLEU.
+- `digits`, `cifar10` (moe_jax.data.images): image classification, pixels as "inputs" tokens
+  and the label as one "targets" token; not vocabulary-dependent, registered once.
 
 Splits: train / validation / test. The LM has no EOS: its windows cut a continuous text at
 arbitrary points, so an EOS there would teach the model to end mid-sentence.
@@ -19,7 +21,7 @@ from typing import Optional, Tuple
 
 import seqio
 
-from moe_jax.data import metrics, preprocessors, sources, span_corruption
+from moe_jax.data import images, metrics, preprocessors, sources, span_corruption
 from moe_jax.data.vocabularies import ConfiguredVocabulary
 
 TINY_SHAKESPEARE_LM = "tiny_shakespeare_lm"
@@ -83,3 +85,5 @@ def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None,
 
 
 register_tasks()
+for _name, _task in images.image_tasks().items():
+  _add(_name, **_task)

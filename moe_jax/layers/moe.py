@@ -1,7 +1,8 @@
 """MoeLayer: group tokens -> route -> dispatch -> experts -> combine (GShard / Switch / flaxformer).
 
 x_BLD -> x_GSD (G groups of S <= max_group_size tokens) -> RouterOutput (buffers [G, E, C])
--> x_EGCD (sharded on 'expert': the all-to-all) -> experts -> y_GSD -> y_BLD.
+-> x_EGCD (sharded on 'expert': the all-to-all) -> experts -> y_GSD -> y_BLD
+(+ the shared experts' dense FFN of x_BLD, DeepSeekMoE).
 
 Aux losses and routing metrics leave the layer through ONE mechanism: the layer sows its
 `RouterStats` into the `MOE_STATS` collection; `moe_jax.objectives.moe_losses_and_metrics`
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import routing
+from moe_jax.layers.dense import MlpBlock
 from moe_jax.layers.experts import ExpertMlp
 
 MOE_STATS = "moe_stats"
@@ -65,6 +67,14 @@ class MoeLayer(nn.Module):
   earlier tokens fill in each expert's buffer; later calls route one token per sequence into
   the slot it takes in the sequence's full group of T tokens (causal routing), with that group's
   capacity, so one-token steps equal the full-length layer.
+
+  Shared experts (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066, sec. 3.2): with
+  `num_shared_experts` = K_s > 0, every token also goes through K_s always-on experts with
+  weight 1, added to the routed output. As in DeepSeek-V2/V3 they are ONE dense FFN of hidden
+  size K_s * `expert.intermediate_dim` (params `shared_expert/wi[_i]/kernel` [D, K_s*F],
+  `shared_expert/wo/kernel`, sharded like `MlpBlock`), with the experts' activations, dtype and
+  dropout. A token every routed expert drops still gets it; padding tokens get it too (as from
+  a dense FFN: only routing skips them); in decoding steps it is a per-token FFN.
   """
   num_experts: int = 8
   router: routing.Router = routing.SwitchRouter()
@@ -77,10 +87,19 @@ class MoeLayer(nn.Module):
   dtype: Any = jnp.float32
   sequence_groups: bool = False
   expert_capacity: Optional[int] = None
+  num_shared_experts: int = 0
 
   def __post_init__(self):
     if self.num_experts < 1:
       raise ValueError(f"MoeLayer.num_experts must be >= 1, got {self.num_experts}")
+    if self.num_shared_experts < 0:
+      raise ValueError(f"MoeLayer.num_shared_experts must be >= 0, got {self.num_shared_experts}")
+    if self.num_shared_experts and not all(
+        hasattr(self.expert, f) for f in ("intermediate_dim", "activations",
+                                          "intermediate_dropout_rate", "dtype")):
+      raise ValueError(f"MoeLayer.num_shared_experts sizes the shared FFN from the expert's "
+                       f"intermediate_dim, activations, intermediate_dropout_rate and dtype, "
+                       f"which MoeLayer.expert={type(self.expert).__name__} lacks")
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) <= 0:
         raise ValueError(f"MoeLayer.{name} must be > 0, got {getattr(self, name)}")
@@ -157,4 +176,11 @@ class MoeLayer(nn.Module):
     y_EGCD = nn.with_logical_constraint(y_EGCD, local_axes)
     y_GSD = nn.with_logical_constraint(combine(y_EGCD, routes, group_size),
                                        ("batch", "unmodeled", "embed"))
-    return y_GSD.reshape(batch, length, d_model).astype(x_BLD.dtype)
+    y_BLD = y_GSD.reshape(batch, length, d_model).astype(x_BLD.dtype)
+    if self.num_shared_experts:  # K_s shared experts = one dense FFN of hidden K_s * F
+      shared = MlpBlock(intermediate_dim=self.num_shared_experts * self.expert.intermediate_dim,
+                        activations=self.expert.activations,
+                        intermediate_dropout_rate=self.expert.intermediate_dropout_rate,
+                        dtype=self.expert.dtype, name="shared_expert")
+      y_BLD += shared(x_BLD, deterministic=deterministic).astype(x_BLD.dtype)
+    return y_BLD

@@ -31,7 +31,7 @@ from flax import struct
 # The rng stream of all router randomness (jitter, the GShard random second-expert policy).
 ROUTING_RNG = "routing"
 
-_SECOND_EXPERT_POLICIES = ("all", "random")
+_SECOND_EXPERT_POLICIES = ("all", "random", "threshold")
 
 
 @struct.dataclass
@@ -258,14 +258,32 @@ class _TokensChoose(Router):
   invariant to token order. `causal=True` takes the choices token by token instead (all k
   choices of token s before any of token s+1): otherwise a later token's first choice could
   evict an earlier token's second choice. For k=1 both orders are the same.
+
+  `second_expert_policy`: which tokens use their 2nd choice (GShard, Lepikhin et al. 2020,
+  arXiv:2006.16668; Mesh TF `moe.py`, lingvo `gshard_layers.py`), g2n = g2 / (g1 + g2):
+  "all": always; "random": with probability 2 * g2n, in training only; "threshold": when
+  g2n > `second_expert_threshold`, in training AND eval (deterministic, so causal decoders
+  too; lingvo applies it in both, Mesh TF's eval policy is the same by default). Gates are
+  unchanged; the balance loss and expert_load_E count the choices before the policy.
   """
   renormalize: bool = False
   second_expert_policy: str = "all"
+  second_expert_threshold: float = 0.0
 
   def __post_init__(self):
+    name = type(self).__name__
     if self.second_expert_policy not in _SECOND_EXPERT_POLICIES:
-      raise ValueError(f"{type(self).__name__}.second_expert_policy must be one of "
+      raise ValueError(f"{name}.second_expert_policy must be one of "
                        f"{_SECOND_EXPERT_POLICIES}, got {self.second_expert_policy!r}")
+    if not 0.0 <= self.second_expert_threshold <= 1.0:
+      raise ValueError(f"{name}.second_expert_threshold must be in [0, 1], "
+                       f"got {self.second_expert_threshold}")
+    if self.second_expert_policy == "threshold" and self.k != 2:
+      raise ValueError(f"{name}.second_expert_policy='threshold' is GShard's top-2 rule: it "
+                       f"needs k=2, got k={self.k}")
+    if self.second_expert_threshold and self.second_expert_policy != "threshold":
+      raise ValueError(f"{name}.second_expert_threshold is only read by second_expert_policy="
+                       f"'threshold', got {self.second_expert_policy!r}")
     super().__post_init__()
 
   def route(self, logits_GSE, mask_GS, capacity, deterministic, expert_fill_GE=None):
@@ -279,15 +297,26 @@ class _TokensChoose(Router):
     top1_GS = gate_GSK[..., 0]
     if self.renormalize:  # Mixtral / DeepSeek: weights sum to 1 over the chosen k.
       gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
-    valid_GSK = jnp.broadcast_to(mask_GS[..., None], gate_GSK.shape)
-    if self.second_expert_policy == "random" and self.k > 1 and not deterministic:
-      # GShard (Lepikhin et al. 2020): send to the 2nd expert with probability 2 * g2 / (g1 + g2).
-      g1, g2 = gate_GSK[..., 0], gate_GSK[..., 1]
-      u_GS = jax.random.uniform(self.make_rng(ROUTING_RNG), g1.shape)
-      valid_GSK = valid_GSK.at[..., 1].set(valid_GSK[..., 1] & (u_GS < 2 * g2 / (g1 + g2)))
+    valid_GSK = self.second_expert_valid(
+        gate_GSK, jnp.broadcast_to(mask_GS[..., None], gate_GSK.shape), deterministic)
     return TokenChoices(expert_GSK, gate_GSK, valid_GSK, top1_GS,
                         load_balancing_loss(probs_GSE, expert_GSK, mask_GS),
                         router_z_loss(logits_GSE, mask_GS))
+
+  def second_expert_valid(self, gate_GSK, valid_GSK, deterministic):
+    """valid_GSK less the 2nd choices the policy skips (reads g2 / (g1 + g2): any gate scale)."""
+    if self.k < 2 or self.second_expert_policy == "all":
+      return valid_GSK
+    g1, g2 = gate_GSK[..., 0], gate_GSK[..., 1]
+    if self.second_expert_policy == "threshold":
+      # g2 / (g1 + g2) > t, without the division (g1 + g2 > 0 for softmax and sigmoid gates).
+      keep_GS = g2 > self.second_expert_threshold * (g1 + g2)
+    elif deterministic:  # "random" samples in training only
+      return valid_GSK
+    else:  # GShard: use the 2nd expert with probability 2 * g2 / (g1 + g2).
+      u_GS = jax.random.uniform(self.make_rng(ROUTING_RNG), g1.shape)
+      keep_GS = u_GS < 2 * g2 / (g1 + g2)
+    return valid_GSK.at[..., 1].set(valid_GSK[..., 1] & keep_GS)
 
   def fill_choices(self, choices: TokenChoices, mask_GS, num_experts, capacity,
                    expert_fill_GE=None) -> RouterOutput:
@@ -341,7 +370,8 @@ class TopKRouter(_TokensChoose):
 
   `renormalize=False` keeps the raw softmax probabilities as combine weights (Switch,
   Flaxformer); `True` renormalises them over the chosen k (Mixtral, DeepSeek).
-  `second_expert_policy="random"` is GShard's stochastic dispatch to the 2nd expert (training only).
+  `second_expert_policy="random"` is GShard's stochastic dispatch to the 2nd expert (training
+  only); `"threshold"` with `second_expert_threshold` its deterministic one (see _TokensChoose).
   """
   k: int = 2
 

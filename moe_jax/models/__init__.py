@@ -4,8 +4,9 @@ import flax.linen as nn
 import gin
 
 # Registers every configurable network and layer with gin.
-from moe_jax.layers import dense, experts, moe, noisy_routing, routing  # noqa: F401
-from moe_jax.models import decoder_only, t5  # noqa: F401
+from moe_jax.layers import dense, experts, moe, noisy_routing, routing, soft_moe  # noqa: F401
+from moe_jax.layers import attention_experts, mixture_of_depths, score_routing  # noqa: F401
+from moe_jax.models import decoder_only, lstm, t5, vision  # noqa: F401
 
 
 @gin.configurable(module="moe_jax.models")

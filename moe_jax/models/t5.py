@@ -3,12 +3,14 @@
 RMSNorm pre-norm residual blocks, relative position bias shared within a stack, no biases,
 gated or plain FFNs. Each layer's FFN is the dense `mlp` template or, at the layers that
 `sparse_layout` picks, the `moe` template (Switch Transformer; Fedus et al. 2021).
-`num_sparse_layers=0` is the dense T5 and never builds an MoE layer.
+`num_sparse_layers=0` is the dense T5 and never builds an MoE layer. The blocks at `mod_layout`
+(same rules) can be wrapped in Mixture-of-Depths (`mixture_of_depths`, Raposo et al. 2024).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Any, ClassVar, Optional, Sequence
 
 import flax.linen as nn
@@ -19,6 +21,7 @@ from moe_jax.layers.attention import (MultiHeadDotProductAttention, RelativePosi
                                       attention_mask, mask_to_bias)
 from moe_jax.layers.dense import MlpBlock
 from moe_jax.layers.embedding import Embed
+from moe_jax.layers.mixture_of_depths import MixtureOfDepths
 from moe_jax.layers.moe import MoeLayer
 from moe_jax.layers.normalization import RMSNorm
 
@@ -35,7 +38,8 @@ gin.constants_from_enum(MoeLayout, module="moe_jax.models.t5")
 
 
 def sparse_layer_indices(num_layers: int, num_sparse_layers: int,
-                         layout: MoeLayout | Sequence[int], owner: str = "stack"
+                         layout: MoeLayout | Sequence[int], owner: str = "stack",
+                         fields: tuple[str, str] = ("num_sparse_layers", "sparse_layout")
                          ) -> tuple[int, ...]:
   """Indices of the sparse layers (Flaxformer's rules).
 
@@ -43,28 +47,30 @@ def sparse_layer_indices(num_layers: int, num_sparse_layers: int,
   (12 layers, 3 sparse -> 3, 7, 11). TOP: the last ones; BOTTOM: the first ones; MIDDLE: layers
   i with L - S <= 2i < L + S (12, 3 -> 5, 6, 7; 12, 2 -> 5, 6). A sequence of indices names the
   sparse layers directly (e.g. Hugging Face's `i % sparse_step == 1` for steps other than 1, 2).
+  `fields` names the count and layout fields in errors (Mixture-of-Depths layers reuse the rule).
   """
+  count, layout_field = fields
   if num_layers < 1:
     raise ValueError(f"{owner}.num_layers must be >= 1, got {num_layers}")
   if not 0 <= num_sparse_layers <= num_layers:
-    raise ValueError(f"{owner}.num_sparse_layers must be in [0, num_layers={num_layers}], "
+    raise ValueError(f"{owner}.{count} must be in [0, num_layers={num_layers}], "
                      f"got {num_sparse_layers}")
   if not isinstance(layout, MoeLayout):
     indices = tuple(layout) if isinstance(layout, (tuple, list)) else None
     if indices is None or not all(isinstance(i, int) for i in indices):
-      raise ValueError(f"{owner}.sparse_layout must be a MoeLayout "
+      raise ValueError(f"{owner}.{layout_field} must be a MoeLayout "
                        f"({[m.name for m in MoeLayout]}) or a tuple of layer indices, "
                        f"got {layout!r}")
     if (sorted(set(indices)) != list(indices) or any(not 0 <= i < num_layers for i in indices)
         or len(indices) != num_sparse_layers):
-      raise ValueError(f"{owner}.sparse_layout={indices} must be {num_sparse_layers} "
-                       f"(num_sparse_layers) increasing layer indices in [0, {num_layers})")
+      raise ValueError(f"{owner}.{layout_field}={indices} must be {num_sparse_layers} "
+                       f"({count}) increasing layer indices in [0, {num_layers})")
     return indices
   if num_sparse_layers == 0:
     return ()
   if layout is MoeLayout.MIXED:
     if num_layers % num_sparse_layers:
-      raise ValueError(f"{owner}.num_sparse_layers={num_sparse_layers} must divide "
+      raise ValueError(f"{owner}.{count}={num_sparse_layers} must divide "
                        f"num_layers={num_layers} for MoeLayout.MIXED")
     every = num_layers // num_sparse_layers
     return tuple(range(every - 1, num_layers, every))
@@ -88,6 +94,8 @@ class TransformerLayer(nn.Module):
   extra_mlp: Optional[nn.Module] = None
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  # An attention template (e.g. SwitchHeadAttention) for the self-attention; None: dense MHA.
+  self_attention_template: Optional[nn.Module] = None
 
   @nn.compact
   def __call__(self, x_BLD, self_bias_BNLM, padding_mask_BL, *, encoded_BMD=None,
@@ -98,10 +106,13 @@ class TransformerLayer(nn.Module):
 
     def attention(name, norm_name, y, kv, bias, cached=False):
       h = RMSNorm(dtype=self.dtype, name=norm_name)(y)
+      if kv is None and self.self_attention_template is not None:  # self-attention only
+        layer = self.self_attention_template.clone(parent=self, name=name)
+      else:
+        layer = MultiHeadDotProductAttention(self.num_heads, self.head_dim, self.dropout_rate,
+                                             self.dtype, name=name)
       kv = h if kv is None else kv
-      h = MultiHeadDotProductAttention(self.num_heads, self.head_dim, self.dropout_rate,
-                                       self.dtype, name=name)(
-          h, kv, bias, deterministic, decode=cached, decode_position=decode_position)
+      h = layer(h, kv, bias, deterministic, decode=cached, decode_position=decode_position)
       return y + dropout(h)
 
     if self.decoder:
@@ -133,10 +144,18 @@ class _SparseStack(nn.Module):
   num_heads: int = 4
   head_dim: int = 16
   mlp: nn.Module = MlpBlock()
-  moe: Optional[MoeLayer] = None
+  moe: Optional[nn.Module] = None  # a MoeLayer, or a SoftMoE (encoders only)
   num_sparse_layers: int = 0
   sparse_layout: MoeLayout | Sequence[int] = MoeLayout.MIXED
   extra_dense_mlp: bool = False  # ST-MoE: a dense FFN beside each MoE layer (Zoph et al. 2022)
+  # Attention experts (moe_jax.layers.attention_experts) for every layer's self-attention;
+  # None: dense MultiHeadDotProductAttention. Cross-attention stays dense.
+  self_attention: Optional[nn.Module] = None
+  # Mixture-of-Depths (Raposo et al. 2024): the blocks at `mod_layout` (`sparse_layout`'s rules)
+  # process only the tokens this template routes through them.
+  mixture_of_depths: Optional[MixtureOfDepths] = None
+  num_mod_layers: int = 0
+  mod_layout: MoeLayout | Sequence[int] = MoeLayout.MIXED
   dropout_rate: float = 0.0
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
@@ -149,19 +168,32 @@ class _SparseStack(nn.Module):
     sparse_layer_indices(self.num_layers, self.num_sparse_layers, self.sparse_layout, owner)
     if self.num_sparse_layers and self.moe is None:
       raise ValueError(f"{owner}.moe must be set when num_sparse_layers={self.num_sparse_layers}")
+    sparse_layer_indices(self.num_layers, self.num_mod_layers, self.mod_layout, owner,
+                         ("num_mod_layers", "mod_layout"))
+    if self.num_mod_layers and self.mixture_of_depths is None:
+      raise ValueError(f"{owner}.mixture_of_depths must be set when "
+                       f"num_mod_layers={self.num_mod_layers}")
     super().__post_init__()
 
   @property
   def sparse_layers(self) -> tuple[int, ...]:
     return sparse_layer_indices(self.num_layers, self.num_sparse_layers, self.sparse_layout)
 
+  @property
+  def mod_layers(self) -> tuple[int, ...]:
+    """Indices of the blocks that Mixture-of-Depths routes."""
+    return sparse_layer_indices(self.num_layers, self.num_mod_layers, self.mod_layout)
+
   # Not a module method: gin re-evaluates the template's bound references (@SwitchRouter())
   # when it is copied, and inside a wrapped method those would attach to this module.
   @nn.nowrap
-  def _moe_layer(self) -> MoeLayer:
-    """An unbound copy of the `moe` template; a decoder's routes causally."""
+  def _moe_layer(self) -> nn.Module:
+    """An unbound copy of the `moe` template; a decoder's routes causally (a layer without a
+    router, e.g. SoftMoE, takes `causal` itself and refuses it if it cannot)."""
     if not self.is_decoder:
       return self.moe.copy(parent=None)
+    if not isinstance(self.moe, MoeLayer):
+      return self.moe.copy(parent=None, causal=True)
     return self.moe.copy(parent=None, router=self.moe.router.copy(parent=None, causal=True))
 
   @nn.compact
@@ -207,14 +239,20 @@ class _SparseStack(nn.Module):
 
     x_BLD = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(x_BLD, deterministic=deterministic)
     x_BLD = nn.with_logical_constraint(x_BLD.astype(self.dtype), ("batch", "length", "embed"))
-    sparse = set(self.sparse_layers)
+    sparse, routed = set(self.sparse_layers), set(self.mod_layers)
     for i in range(self.num_layers):
       # Deep, unbound copies of the templates: every layer owns its parameters.
       ffn = self._moe_layer() if i in sparse else self.mlp.copy(parent=None)
       extra = self.mlp.copy(parent=None) if i in sparse and self.extra_dense_mlp else None
-      x_BLD = TransformerLayer(self.num_heads, self.head_dim, ffn, decoder=self.is_decoder,
+      layer = TransformerLayer(self.num_heads, self.head_dim, ffn, decoder=self.is_decoder,
                                extra_mlp=extra, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                               name=f"layers_{i}")(
+                               self_attention_template=None if self.self_attention is None
+                               else self.self_attention.copy(parent=None),
+                               name=f"layers_{i}")
+      if i in routed:  # the block keeps its parameters at layers_i, its router sits at mod_i
+        layer = functools.partial(
+            self.mixture_of_depths.clone(parent=self, name=f"mod_{i}"), layer)
+      x_BLD = layer(
           x_BLD, self_bias, padding_mask_BL, encoded_BMD=encoded_BMD,
           cross_bias_BNLM=cross_bias, deterministic=deterministic, decode=decode,
           decode_position=position if stepping else None, max_decode_length=max_decode_length)
@@ -235,10 +273,11 @@ class SparseDecoder(_SparseStack):
 
   def __post_init__(self):
     if self.num_sparse_layers and self.moe is not None:
-      try:  # the router refuses causal routing by name (expert choice, BPR): fail at build time
+      try:  # the router (expert choice, BPR) or SoftMoE refuses causal routing: fail at build
         self._moe_layer()
       except ValueError as e:
-        raise ValueError(f"SparseDecoder.moe.router: {e}") from None
+        where = "moe.router" if isinstance(self.moe, MoeLayer) else "moe"
+        raise ValueError(f"SparseDecoder.{where}: {e}") from None
     super().__post_init__()
 
 

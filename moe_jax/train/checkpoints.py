@@ -1,9 +1,11 @@
 """Orbax checkpoints under MODEL_DIR/checkpoints: save, exact resume, restore onto any mesh,
-and fine-tuning initialisation (params only, optional dense -> MoE "sparse upcycling").
+and fine-tuning initialisation (params and model state, optional dense -> MoE "sparse
+upcycling").
 
-Each step directory holds two items: "state" (params, optimizer state, step) and "meta" (JSON:
-the number of batches the data iterator has consumed, and every parameter's shape, so a
-MODEL_DIR holding an incompatible model is refused with a clear message before compilation).
+Each step directory holds two items: "state" (TrainState: step, params, optimizer state, model
+state such as router biases) and "meta" (JSON: the number of batches the data iterator has
+consumed, and every parameter's shape, so a MODEL_DIR holding an incompatible model is refused
+with a clear message before compilation).
 Saves are atomic (orbax renames a finished temporary directory), so a run killed mid-save
 leaves a `*.orbax-checkpoint-tmp*` directory that is never picked up and is deleted when the
 directory is next opened. A committed checkpoint that cannot be read back (disk damage) is
@@ -255,10 +257,10 @@ def resolve_checkpoint_path(path: str) -> tuple[str, int]:
                           f"(expected <dir>/checkpoints/<step>/state or <dir>/<step>/state)")
 
 
-def load_params(path: str) -> dict:
-  """Params of the checkpoint at `path` (see resolve_checkpoint_path) as host numpy arrays.
+def _load_host(path: str, name: str, required: bool) -> dict:
+  """The `name` subtree ("params", "model_state") of a checkpoint's state as host arrays.
 
-  Reads only the params (not the optimizer state), straight into host memory: this works
+  Reads only that subtree (not the optimizer state), straight into host memory: this works
   whatever devices the checkpoint was saved from (restoring it as jax arrays without target
   shardings fails with orbax's "Topology mismatch" on another device count).
   """
@@ -269,14 +271,27 @@ def load_params(path: str) -> dict:
     # look for step metadata (`_CHECKPOINT_METADATA`) inside the item directory, where orbax
     # never writes it (it lies one level up), and warn that it does not exist.
     tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
-    item = {"params": tree["params"]}
+    if not required and not tree.get(name):
+      return {}
+    item = {name: tree[name]}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise CheckpointError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
                        f"(damaged or incomplete?): {type(e).__name__}: {e}") from e
-  return jax.tree.map(np.asarray, restored["params"])
+  return jax.tree.map(np.asarray, restored[name])
+
+
+def load_params(path: str) -> dict:
+  """Params of the checkpoint at `path` (see resolve_checkpoint_path) as host numpy arrays."""
+  return _load_host(path, "params", required=True)
+
+
+def load_model_state(path: str) -> dict:
+  """TrainState.model_state (e.g. router biases) of the checkpoint at `path` as host numpy
+  arrays; {} when it holds none (models without state collections, converted checkpoints)."""
+  return _load_host(path, "model_state", required=False)
 
 
 _EXPERT_KERNEL = re.compile(r"^(.*)/mlp/expert/(wi|wi_\d+|wo)/kernel$")

@@ -104,13 +104,14 @@ def data_parallel_size(mesh) -> int:
 
 def check_network_fits_mesh(network: nn.Module, mesh, batch_size: int) -> None:
   """Clear errors for shapes the mesh cannot split, raised before any compilation."""
-  from moe_jax.models.summary import stacks  # local: keeps this module free of model imports
+  # Local import: keeps this module free of model imports.
+  from moe_jax.models.summary import moe_templates  # pylint: disable=g-import-not-at-top
   expert_devices = mesh.shape["expert"]
-  for name, stack in stacks(network).items():
-    if stack.num_sparse_layers and stack.moe.num_experts % expert_devices:
-      raise ValueError(f"{name} MoeLayer.num_experts={stack.moe.num_experts} is not divisible "
-                       f"by the mesh's expert axis ({expert_devices} devices); change "
-                       f"MESH_SHAPE or NUM_EXPERTS")
+  for name, moe in moe_templates(network).items():
+    if moe.num_experts % expert_devices:
+      raise ValueError(f"{name.split('/')[0]} {type(moe).__name__}.num_experts={moe.num_experts} "
+                       f"is not divisible by the mesh's expert axis ({expert_devices} devices); "
+                       f"change MESH_SHAPE or NUM_EXPERTS")
   dp = data_parallel_size(mesh)
   if batch_size % dp:
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the data-parallel size "

@@ -24,6 +24,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import objectives
+from moe_jax.layers import score_routing
 from moe_jax.layers.routing import ROUTING_RNG
 from moe_jax.models import build_network
 from moe_jax.models.summary import abstract_variables, summarize
@@ -34,9 +35,12 @@ from moe_jax.train.metrics import MetricsWriter, Progress
 
 @struct.dataclass
 class TrainState:
+  """`model_state`: the network's non-param collections (`objectives.STATE_COLLECTIONS`, e.g.
+  aux-loss-free routers' biases), updated outside the optimizer; {} for most models."""
   step: jax.Array
   params: Any
   opt_state: Any
+  model_state: Any = struct.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------
@@ -44,8 +48,9 @@ class TrainState:
 
 
 def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, jax.Array], *,
-                   network: nn.Module, logit_z_loss: float = 0.0, num_microbatches: int = 1):
-  """(loss terms, grads) of a batch, computed over `num_microbatches` slices of it in turn.
+                   network: nn.Module, model_state=None, logit_z_loss: float = 0.0,
+                   num_microbatches: int = 1):
+  """(loss terms, grads, router load) of a batch, over `num_microbatches` slices of it in turn.
 
   Gradient accumulation: each microbatch's gradient is weighted by its share of the batch's
   loss tokens, so the result equals the full-batch gradient for every token-mean term. The MoE
@@ -53,15 +58,18 @@ def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, ja
   the full batch's whenever groups do not span sequences (max_group_size <= the length, or one
   sequence per group). When groups span sequences, microbatching changes the group members,
   and with them the balance loss and, where capacity binds, which tokens are dropped.
+  The router load (the ROUTER_LOAD collection, expert counts before capacity) adds up over the
+  microbatches: the whole batch's.
   """
   def terms_and_grads(batch, rngs, weight):
     def loss_fn(params):
-      loss, terms = objectives.compute_loss(network, params, batch, rngs=rngs,
-                                            enable_dropout=True, logit_z_loss=logit_z_loss)
-      return loss * weight, terms
+      loss, terms, load = objectives.compute_loss(
+          network, params, batch, model_state=model_state, rngs=rngs, enable_dropout=True,
+          logit_z_loss=logit_z_loss, return_router_load=True)
+      return loss * weight, (terms, load)
     with partitioning.axis_rules():  # activation constraints (under jax.set_mesh): all-to-all
-      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return terms, grads
+      (_, (terms, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return terms, grads, load
 
   if num_microbatches == 1:
     return terms_and_grads(batch, rngs, 1.0)
@@ -77,15 +85,16 @@ def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, ja
   def body(grads_sum, inputs):
     index, mb, share = inputs
     mb_rngs = {k: jax.random.fold_in(r, index) for k, r in rngs.items()}
-    terms, grads = terms_and_grads(mb, mb_rngs, share)
-    return jax.tree.map(jnp.add, grads_sum, grads), terms
+    terms, grads, load = terms_and_grads(mb, mb_rngs, share)
+    return jax.tree.map(jnp.add, grads_sum, grads), (terms, load)
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, terms = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro, shares))
+  grads, (terms, load) = jax.lax.scan(body, zeros,
+                                      (jnp.arange(num_microbatches), micro, shares))
   # Token-weighted means, like the full batch's (num_tokens adds up).
   terms = {k: jnp.sum(v, 0) if k == "num_tokens" else jnp.tensordot(shares, v, 1)
            for k, v in terms.items()}
-  return terms, grads
+  return terms, grads, jax.tree.map(lambda v: jnp.sum(v, 0), load)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
@@ -96,22 +105,26 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   step_rng = jax.random.fold_in(rng, state.step)
   dropout_rng, routing_rng = jax.random.split(step_rng)
   rngs = {"dropout": dropout_rng, ROUTING_RNG: routing_rng}
-  terms, grads = loss_and_grads(state.params, batch, rngs, network=network,
-                                logit_z_loss=logit_z_loss, num_microbatches=num_microbatches)
+  terms, grads, router_load = loss_and_grads(
+      state.params, batch, rngs, network=network, model_state=state.model_state,
+      logit_z_loss=logit_z_loss, num_microbatches=num_microbatches)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # Aux-loss-free balancing: router biases move outside the optimizer, once per step.
+  model_state = score_routing.update_router_bias(state.model_state, router_load)
   # param_norm: the loop refuses (never checkpoints) a state whose new params are not finite.
   metrics = dict(terms, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
   if schedule is not None:
     metrics["learning_rate"] = schedule(state.step)
-  return TrainState(state.step + 1, params, opt_state), metrics
+  return TrainState(state.step + 1, params, opt_state, model_state), metrics
 
 
-def eval_step(params, batch: Mapping[str, jax.Array], *, network: nn.Module,
+def eval_step(params, batch: Mapping[str, jax.Array], model_state, *, network: nn.Module,
               logit_z_loss: float = 0.0):
-  """Loss terms with dropout off and the eval capacity factor."""
+  """Loss terms with dropout off and the eval capacity factor (`model_state`: TrainState's)."""
   with partitioning.axis_rules():
-    _, terms = objectives.compute_loss(network, params, batch, logit_z_loss=logit_z_loss)
+    _, terms = objectives.compute_loss(network, params, batch, model_state=model_state,
+                                       logit_z_loss=logit_z_loss)
   return terms
 
 
@@ -121,8 +134,10 @@ def eval_step(params, batch: Mapping[str, jax.Array], *, network: nn.Module,
 
 def _init_fn(network, optimizer):
   def init(rng):
-    params = nn.unbox(network.init(rng, **network.example_batch(1, 8))["params"])
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    variables = nn.unbox(network.init(rng, **network.example_batch(1, 8)))
+    params = variables["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                      objectives.model_state_of(variables))
   return init
 
 
@@ -144,7 +159,8 @@ def _opt_state_sharding(leaf, param, sharding, mesh):
 
 
 def state_shardings(network, optimizer, mesh):
-  """Shardings of TrainState: params from the logical rules, optimizer state like its params.
+  """Shardings of TrainState: params and model state from the logical rules, optimizer state
+  like its params.
 
   Optimizer-state leaves are matched to params by their trailing dict keys (the param path
   inside the state tree, e.g. `...v/decoder/layers_1/mlp/expert/wi/kernel`); counts and
@@ -171,7 +187,8 @@ def state_shardings(network, optimizer, mesh):
     return partitioning.replicated(mesh)
 
   opt_shardings = jax.tree_util.tree_map_with_path(opt_leaf_sharding, shapes.opt_state)
-  return TrainState(partitioning.replicated(mesh), param_shardings, opt_shardings)
+  return TrainState(partitioning.replicated(mesh), param_shardings, opt_shardings,
+                    partitioning.logical_shardings(objectives.model_state_of(boxed), mesh))
 
 
 def abstract_state(network, optimizer, shardings):
@@ -184,11 +201,14 @@ def init_state(network, optimizer, shardings, rng):
   return jax.jit(_init_fn(network, optimizer), out_shardings=shardings)(rng)
 
 
-def state_from_params(params, optimizer, shardings):
-  """Fresh optimizer state (step 0) around given params (fine-tuning)."""
+def state_from_params(params, optimizer, shardings, model_state=None):
+  """Fresh optimizer state (step 0) around given params and model state (fine-tuning)."""
   params = jax.device_put(params, shardings.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  return TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state)
+  model_state = jax.device_put({} if model_state is None else model_state,
+                               shardings.model_state)
+  return TrainState(jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params, opt_state,
+                    model_state)
 
 
 # ------------------------------------------------------------------------------------------
@@ -240,9 +260,12 @@ def mean_metrics(history: Sequence[Mapping[str, Any]], weight_key: str = "num_to
 
 
 def evaluate(eval_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]],
-             to_device: Callable = lambda batch: batch) -> dict:
-  """Token-weighted mean of `eval_fn(params, batch)` over host batches ({} when none)."""
-  history = [jax.device_get(eval_fn(params, to_device(batch))) for batch in batches]
+             to_device: Callable = lambda batch: batch, model_state=None) -> dict:
+  """Token-weighted mean of `eval_fn(params, batch, model_state)` over host batches ({} when
+  none); `model_state` is TrainState's (None: {}, a model without state collections)."""
+  model_state = {} if model_state is None else model_state
+  history = [jax.device_get(eval_fn(params, to_device(batch), model_state))
+             for batch in batches]
   return mean_metrics(history) if history else {}
 
 
@@ -359,6 +382,7 @@ def train(model_dir: str = gin.REQUIRED,
     if resume_step is None and not checkpointer.damaged() and initial_checkpoint_path:
       warn_if_t5x_step_count(train_steps, initial_checkpoint_path)
       initial_params = ckpt_lib.load_params(initial_checkpoint_path)
+      initial_model_state = ckpt_lib.load_model_state(initial_checkpoint_path)
     # Building the input pipeline now surfaces missing or empty data before any compilation.
     skip = 0 if resume_step is None else checkpointer.batches_consumed(resume_step)
     batches = input_batches(mixture_or_task_name, task_feature_lengths, "train", batch_size,
@@ -380,12 +404,14 @@ def train(model_dir: str = gin.REQUIRED,
                                   skip_batches=batches_consumed, pack=pack)
         logging.info("Resumed from %s at step %d.", checkpointer.directory, resume_step)
       elif initial_params is not None:
-        fresh = jax.device_get(init_state(network, optimizer, shardings, rng).params)
-        params, report = ckpt_lib.init_params_from(fresh, initial_params, upcycle=upcycle)
+        fresh = jax.device_get(init_state(network, optimizer, shardings, rng))
+        params, report = ckpt_lib.init_params_from(fresh.params, initial_params, upcycle=upcycle)
         logging.info("Initialised from %s: %d params copied, %d upcycled into experts, %d "
                      "fresh.", initial_checkpoint_path, len(report["copied"]),
                      len(report["upcycled"]), len(report["fresh"]))
-        state = state_from_params(params, optimizer, shardings)
+        # The model state (e.g. router biases) carries over too, matched by path and shape.
+        model_state, _ = ckpt_lib.init_params_from(fresh.model_state, initial_model_state)
+        state = state_from_params(params, optimizer, shardings, model_state)
       else:
         state = init_state(network, optimizer, shardings, rng)
       start_step = int(jax.device_get(state.step))
@@ -405,14 +431,15 @@ def train(model_dir: str = gin.REQUIRED,
           in_shardings=(shardings, data_sharding, partitioning.replicated(mesh)),
           out_shardings=(shardings, partitioning.replicated(mesh)), donate_argnums=(0,))
       eval_fn = jax.jit(functools.partial(eval_step, network=network, logit_z_loss=logit_z_loss),
-                        in_shardings=(shardings.params, data_sharding),
+                        in_shardings=(shardings.params, data_sharding, shardings.model_state),
                         out_shardings=partitioning.replicated(mesh))
 
-      def run_eval(params) -> dict:
+      def run_eval(state) -> dict:
         eval_batches = itertools.islice(input_batches(
             mixture_or_task_name, task_feature_lengths, eval_split, batch_size, shuffle=False,
             seed=seed, num_epochs=1, pack=pack), eval_steps)
-        return evaluate(eval_fn, params, eval_batches, lambda b: to_global(b, data_sharding))
+        return evaluate(eval_fn, state.params, eval_batches,
+                        lambda b: to_global(b, data_sharding), state.model_state)
 
       # --- Train. ------------------------------------------------------------------------
       progress = Progress(train_steps, start_step)
@@ -447,7 +474,7 @@ def train(model_dir: str = gin.REQUIRED,
         if done % checkpoint_period == 0 or done == train_steps:
           checkpointer.save(done, state, batches_consumed=done)
         if eval_period and (done % eval_period == 0 or done == train_steps):
-          eval_metrics = run_eval(state.params)
+          eval_metrics = run_eval(state)
           if eval_metrics:
             writer.write(done, eval_metrics, prefix="eval/")
             logging.info("eval at step %d: loss %.4f accuracy %.4f", done,

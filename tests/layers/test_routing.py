@@ -471,6 +471,81 @@ def test_random_second_expert_keep_rate():
     assert abs(kept_second[subset].sum() - expected) < 5 * sigma, (subset.sum(), expected)
 
 
+# --- GShard threshold second-expert policy -----------------------------------------------------
+
+
+THRESHOLD = 0.3
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("renormalize, causal", [(False, False), (True, True)])
+def test_threshold_policy_keeps_second_choice_iff_its_normalised_gate_exceeds_threshold(
+    deterministic, renormalize, causal):
+  """Hand-built logits: token s has top-2 gates with g2 / (g1 + g2) = r_s, i.e. logits
+  (0, l2 = log(r / (1 - r))) on two experts and l2 - 1 on the others (so the raw g2 is well
+  below r: the normalisation matters); r just above / below the threshold. Same decisions in
+  training and eval (no rng needed), gates unchanged."""
+  ratios = np.tile([THRESHOLD + 1e-4, THRESHOLD - 1e-4, 0.05, 0.45], S // 4)
+  x = np.zeros((2, S, D))
+  for g in range(2):
+    for s, r in enumerate(ratios):
+      first, second = (s + g) % E, (s + g + 1 + s // 4) % E
+      second = second if second != first else (first + 2) % E
+      l2 = math.log(r / (1 - r))
+      x[g, s, :E] = l2 - 1.0
+      x[g, s, first], x[g, s, second] = 0.0, l2
+  kernel = jnp.concatenate([jnp.eye(E), jnp.zeros((D - E, E))])  # logits = x[..., :E]
+  router = routing.TopKRouter(k=2, renormalize=renormalize, causal=causal,
+                              second_expert_policy="threshold",
+                              second_expert_threshold=THRESHOLD)
+  out = _route(router, jnp.asarray(x, jnp.float32), kernel, S, deterministic=deterministic)
+  probs = _probs(jnp.asarray(x, jnp.float32), kernel)
+  ranked = np.argsort(-probs, -1)
+  keep_second = ratios > THRESHOLD
+  for g in range(2):
+    expected = [[] for _ in range(E)]
+    for s in range(S):
+      expected[ranked[g, s, 0]].append(s)
+      if keep_second[s]:
+        expected[ranked[g, s, 1]].append(s)
+    assert [sorted(b) for b in _buffers(out, g)] == [sorted(b) for b in expected]
+  # Kept 2nd weights: the softmax probability, or r itself once renormalised over the two.
+  combine, valid = np.asarray(out.combine_GEC), np.asarray(out.valid_GEC)
+  g2 = np.take_along_axis(probs, ranked[..., 1:2], -1)[..., 0]
+  assert np.all(g2[:, 0::4] < THRESHOLD)  # raw g2 of the kept r = threshold + 1e-4 tokens
+  weights = np.sort(combine[valid])
+  if renormalize:
+    expected_weights = np.concatenate([np.tile(1 - ratios, 2), np.tile(ratios[keep_second], 2)])
+  else:
+    g1 = np.take_along_axis(probs, ranked[..., :1], -1)[..., 0]
+    expected_weights = np.concatenate([g1.ravel(), g2[:, keep_second].ravel()])
+  np.testing.assert_allclose(weights, np.sort(expected_weights), rtol=1e-5)
+  assert float(out.stats.fraction_dropped) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"second_expert_threshold": -0.1}, r"TopKRouter\.second_expert_threshold must be in"),
+    ({"second_expert_threshold": 1.5}, r"TopKRouter\.second_expert_threshold must be in"),
+    ({"k": 1}, r"TopKRouter\.second_expert_policy='threshold'.*got k=1"),
+    ({"k": 3}, r"TopKRouter\.second_expert_policy='threshold'.*got k=3"),
+    ({"second_expert_policy": "all"}, r"TopKRouter\.second_expert_threshold is only read"),
+    ({"second_expert_policy": "random"}, r"TopKRouter\.second_expert_threshold is only read"),
+])
+def test_threshold_policy_refuses_invalid_combinations(kwargs, match):
+  kwargs = {"k": 2, "second_expert_policy": "threshold", "second_expert_threshold": 0.2,
+            **kwargs}
+  with pytest.raises(ValueError, match=match):
+    routing.TopKRouter(**kwargs)
+
+
+def test_threshold_policy_accepted_at_the_ends_and_in_causal_decoders():
+  with pytest.raises(ValueError, match=r"SwitchRouter\.second_expert_policy='threshold'"):
+    routing.SwitchRouter(second_expert_policy="threshold")
+  for threshold in (0.0, 1.0):
+    routing.TopKRouter(k=2, second_expert_policy="threshold", second_expert_threshold=threshold,
+                       causal=True)
+
+
 # --- causal (decoder) routing ------------------------------------------------------------------
 
 

@@ -155,12 +155,7 @@ def test_microbatches_equal_the_full_batch():
   so the token weighting of the microbatches is exercised."""
   net = tiny.network(capacity_factor=tiny.EXPERTS)
   opt = optax.sgd(1.0)
-  rng = np.random.default_rng(0)
-  targets = rng.integers(3, 384, (tiny.BATCH, tiny.LENGTH)).astype(np.int32)
-  for row, length in enumerate([32, 5, 20, 32, 9, 32, 27, 14]):
-    targets[row, length:] = 0
-  batch = {"decoder_target_tokens": targets,
-           "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0)))}
+  batch = tiny.padded_batch()
   mesh = partitioning.make_mesh((1, 1, 1))
   results = {}
   with jax.set_mesh(mesh):

@@ -10,6 +10,7 @@ import json
 import os
 
 import flax.linen as nn
+import numpy as np
 
 from moe_jax.layers import routing
 from moe_jax.layers.dense import MlpBlock
@@ -75,3 +76,12 @@ def losses_by_step(model_dir):
 
 def unbox_init(net, rng, batch_size=1, length=8):
   return nn.unbox(net.init(rng, **net.example_batch(batch_size, length)))["params"]
+
+
+def padded_batch(seed=0) -> dict:
+  """A random byte batch [BATCH, LENGTH] whose rows hold different amounts of padding."""
+  targets = np.random.default_rng(seed).integers(3, 384, (BATCH, LENGTH)).astype(np.int32)
+  for row, length in enumerate([32, 5, 20, 32, 9, 32, 27, 14]):
+    targets[row, length:] = 0
+  return {"decoder_target_tokens": targets,
+          "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0)))}

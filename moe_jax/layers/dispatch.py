@@ -8,14 +8,36 @@ same routing; they differ in cost:
 
 `dispatch` returns expert inputs x_EGCD; `combine` returns y_GSD. Empty slots contribute exactly
 0, so a token that every chosen expert dropped gets exactly 0 (the residual carries it).
+
+"dropless" (`DROPLESS`, not in `BACKENDS`: it has no capacity and no buffers; MegaBlocks, Gale
+et al. 2022, arXiv:2211.15841): every token's k (expert, gate) choices (`TokenChoices`) are
+sorted by expert into R rows (`sort_choices` -> `SortedRows`), the experts run as ONE grouped
+matmul over the rows (`grouped_matmul`), and each token's rows are gathered back and mixed with
+its gates (`dropless_combine`). No token is dropped whatever the load. Grouped matmul:
+
+  "ragged_dot" (GPU/TPU default): `jax.lax.ragged_dot` over the rows, each expert's a group.
+  "blocks" (CPU default): each expert's group is padded to a multiple of `block_size` rows
+    (at most M + E*(block_size - 1) rows in all, M = G*S*K, a static bound), and a `lax.scan`
+    over the blocks multiplies each by its expert's [I, O] kernel (a dynamic slice, never a
+    gathered [blocks, I, O] copy); blocks past the last expert's are skipped (`lax.cond`). Its
+    VJP is a scan of the same form (dW accumulates in place per block). XLA:CPU lowers
+    `ragged_dot` to a dense dot over every expert (E times the work), and a padded
+    [E, max_rows, D] buffer needs max_rows = M to be dropless: both lose to gather at capacity
+    factor 1.25; the block scan does the real rows plus < E blocks of padding.
+
+Sorted rows are not sharded on 'expert' yet (that needs shard_map + all_to_all): under a mesh
+the dropless path is correct but GSPMD places the rows as it sees fit.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from moe_jax.layers.routing import RouterOutput
+from moe_jax.layers.routing import RouterOutput, TokenChoices
 
 
 def _dispatch_mask_GSEC(routing: RouterOutput, group_size: int):
@@ -58,3 +80,139 @@ BACKENDS = {
     "einsum": (einsum_dispatch, einsum_combine),
     "gather": (gather_dispatch, gather_combine),
 }
+
+DROPLESS = "dropless"
+GROUPED_MATMULS = ("ragged_dot", "blocks")
+
+
+def default_grouped_matmul() -> str:
+  """ragged_dot where it is a real grouped kernel (GPU/TPU), the block scan on CPU."""
+  return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def dropless_block_size(num_choices: int, num_experts: int, max_block_size: int,
+                        grouped_matmul: str) -> int:
+  """Rows per block: 1 for ragged_dot (no padding); else <= max_block_size, and no more than
+  the power of two >= M / E, so that tiny layers do not pad every expert to a large block."""
+  if grouped_matmul == "ragged_dot":
+    return 1
+  return min(max_block_size, 1 << max(0, math.ceil(math.log2(max(1, num_choices / num_experts)))))
+
+
+@struct.dataclass
+class SortedRows:
+  """Token choices sorted by expert into R rows, each expert's padded to a multiple of b rows.
+
+  token_R: [R] int32, the token (index into the G*S tokens) of each row; G*S for padding rows.
+  row_M: [M] int32, the row of each choice (M = G*S*K, token-major); R for invalid choices.
+  expert_N: [N = R / b] int32, the expert of each block of b rows; E for blocks past the last.
+  group_sizes_E: [E] int32, rows per expert (padding included; they sum to <= R).
+  num_experts, block_size, grouped_matmul: static.
+  """
+  token_R: jax.Array
+  row_M: jax.Array
+  expert_N: jax.Array
+  group_sizes_E: jax.Array
+  num_experts: int = struct.field(pytree_node=False)
+  block_size: int = struct.field(pytree_node=False)
+  grouped_matmul: str = struct.field(pytree_node=False)
+
+  def matmul(self, x_RI, w_EIO):
+    """Each row times its expert's kernel: y_RO[r] = x_RI[r] @ w_EIO[expert of r]."""
+    if self.grouped_matmul == "ragged_dot":
+      return jax.lax.ragged_dot(x_RI, w_EIO, self.group_sizes_E)
+    return _block_matmul(x_RI, w_EIO, self.expert_N)
+
+
+def sort_choices(choices: TokenChoices, num_experts: int, block_size: int,
+                 grouped_matmul: str) -> SortedRows:
+  """Sorts the G*S*K choices by expert (stable: token order within an expert) into rows."""
+  if grouped_matmul not in GROUPED_MATMULS:
+    raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}")
+  num_tokens = math.prod(choices.expert_GSK.shape[:2])
+  k = choices.expert_GSK.shape[-1]
+  num_choices = num_tokens * k
+  # Every expert's group ends with < b padding rows: M + E*(b-1) rows is the static bound.
+  num_blocks = -(-(num_choices + num_experts * (block_size - 1)) // block_size)
+  num_rows = num_blocks * block_size
+  expert_M = jnp.where(choices.valid_GSK, choices.expert_GSK, num_experts).reshape(-1)
+  counts_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
+  sizes_E = -(-counts_E // block_size) * block_size
+  ends_E = jnp.cumsum(sizes_E)
+  order_M = jnp.argsort(expert_M, stable=True)
+  sorted_expert_M = expert_M[order_M]
+  in_range_M = sorted_expert_M < num_experts
+  expert_or_0 = jnp.where(in_range_M, sorted_expert_M, 0)
+  first_M = jnp.cumsum(counts_E)[expert_or_0] - counts_E[expert_or_0]  # expert's first choice
+  row = ends_E[expert_or_0] - sizes_E[expert_or_0] + jnp.arange(num_choices) - first_M
+  row_M = jnp.zeros((num_choices,), jnp.int32).at[order_M].set(
+      jnp.where(in_range_M, row, num_rows).astype(jnp.int32))
+  token_R = jnp.full((num_rows,), num_tokens, jnp.int32).at[row_M].set(
+      jnp.arange(num_choices, dtype=jnp.int32) // k, mode="drop")
+  expert_N = jnp.searchsorted(ends_E, jnp.arange(num_blocks) * block_size, side="right")
+  return SortedRows(token_R, row_M, expert_N.astype(jnp.int32), sizes_E, num_experts,
+                    block_size, grouped_matmul)
+
+
+def dropless_dispatch(x_GSD, rows: SortedRows):
+  """x_RD: each row's token (zeros in padding rows)."""
+  x_TD = x_GSD.reshape(-1, x_GSD.shape[-1])
+  return jnp.take(x_TD, rows.token_R, axis=0, mode="fill", fill_value=0)
+
+
+def dropless_combine(y_RD, rows: SortedRows, choices: TokenChoices):
+  """y_GSD = sum_k gate_k * y[row of choice k]; invalid choices contribute exactly 0."""
+  groups, group_size, k = choices.expert_GSK.shape
+  y_GSKD = jnp.take(y_RD, rows.row_M, axis=0, mode="fill", fill_value=0).reshape(
+      groups, group_size, k, y_RD.shape[-1])
+  gate_GSK = jnp.where(choices.valid_GSK, choices.gate_GSK, 0.0).astype(y_RD.dtype)
+  return jnp.einsum("GSK,GSKD->GSD", gate_GSK, y_GSKD)
+
+
+def _scan_blocks(x_NBI, expert_N, num_experts, block_fn, out_shape_BO, out_dtype):
+  """[N, B, O]: block_fn(x_BI, e) for each block of an expert, zeros for blocks past the last."""
+  def body(_, xs):
+    x_BI, e = xs
+    y_BO = jax.lax.cond(e < num_experts, lambda: block_fn(x_BI, e).astype(out_dtype),
+                        lambda: jnp.zeros(out_shape_BO, out_dtype))
+    return None, y_BO
+  return jax.lax.scan(body, None, (x_NBI, expert_N))[1]
+
+
+@jax.custom_vjp
+def _block_matmul(x_RI, w_EIO, expert_N):
+  return _block_matmul_fwd(x_RI, w_EIO, expert_N)[0]
+
+
+def _block_matmul_fwd(x_RI, w_EIO, expert_N):
+  num_experts, _, out_dim = w_EIO.shape
+  x_NBI = x_RI.reshape(expert_N.shape[0], -1, x_RI.shape[-1])
+  w_of = lambda e: jax.lax.dynamic_index_in_dim(w_EIO, e, keepdims=False)
+  y_NBO = _scan_blocks(x_NBI, expert_N, num_experts, lambda x_BI, e: x_BI @ w_of(e),
+                       (x_NBI.shape[1], out_dim), jnp.result_type(x_RI, w_EIO))
+  return y_NBO.reshape(-1, out_dim), (x_RI, w_EIO, expert_N)
+
+
+def _block_matmul_bwd(residuals, dy_RO):
+  x_RI, w_EIO, expert_N = residuals
+  num_experts, in_dim, _ = w_EIO.shape
+  x_NBI = x_RI.reshape(expert_N.shape[0], -1, in_dim)
+  dy_NBO = dy_RO.reshape(expert_N.shape[0], -1, dy_RO.shape[-1])
+  w_of = lambda e: jax.lax.dynamic_index_in_dim(w_EIO, e, keepdims=False)
+  dx_NBI = _scan_blocks(dy_NBO, expert_N, num_experts, lambda dy_BO, e: dy_BO @ w_of(e).T,
+                        (x_NBI.shape[1], in_dim), x_RI.dtype)
+
+  def accumulate(dw_EIO, xs):  # dW_e += x_b^T dy_b, in place in the loop carry
+    x_BI, dy_BO, e = xs
+    e = jnp.minimum(e, num_experts - 1)  # blocks past the last hold zero rows: adds 0
+    dw_IO = jax.lax.dynamic_index_in_dim(dw_EIO, e, keepdims=False)
+    dw_IO += jnp.matmul(x_BI.T, dy_BO, preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(dw_EIO, dw_IO, e, 0), None
+
+  # float32 sums over blocks, rounded once (as one bfloat16 dot accumulates).
+  dw_EIO = jax.lax.scan(accumulate, jnp.zeros(w_EIO.shape, jnp.float32),
+                        (x_NBI, dy_NBO, expert_N))[0]
+  return dx_NBI.reshape(x_RI.shape), dw_EIO.astype(w_EIO.dtype), None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)

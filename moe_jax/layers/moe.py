@@ -3,6 +3,8 @@
 x_BLD -> x_GSD (G groups of S <= max_group_size tokens) -> RouterOutput (buffers [G, E, C])
 -> x_EGCD (sharded on 'expert': the all-to-all) -> experts -> y_GSD -> y_BLD
 (+ the shared experts' dense FFN of x_BLD, DeepSeekMoE).
+With `dispatch="dropless"` the router's `TokenChoices` are sorted by expert instead of filling
+capacity-bounded buffers (`dispatch.sort_choices`): no token is ever dropped.
 
 Aux losses and routing metrics leave the layer through ONE mechanism: the layer sows its
 `RouterStats` into the `MOE_STATS` collection; `moe_jax.objectives.moe_losses_and_metrics`
@@ -75,6 +77,14 @@ class MoeLayer(nn.Module):
   `shared_expert/wo/kernel`, sharded like `MlpBlock`), with the experts' activations, dtype and
   dropout. A token every routed expert drops still gets it; padding tokens get it too (as from
   a dense FFN: only routing skips them); in decoding steps it is a per-token FFN.
+
+  Dropless (`dispatch="dropless"`, MegaBlocks, Gale et al. 2022, arXiv:2211.15841; see
+  `moe_jax.layers.dispatch`): tokens-choose routers only (their `fill_choices` input, the
+  `TokenChoices`, is taken as the router hands it over); capacity factors are not read and
+  `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "blocks", None: by
+  backend) and `dropless_block_size` (rows per block of the CPU block scan) choose the kernel.
+  Decoding works as it is (no capacity, so each token's output is its own: causal by
+  construction; no cache is kept). Not yet sharded on 'expert': one device, or replicated rows.
   """
   num_experts: int = 8
   router: routing.Router = routing.SwitchRouter()
@@ -88,6 +98,8 @@ class MoeLayer(nn.Module):
   sequence_groups: bool = False
   expert_capacity: Optional[int] = None
   num_shared_experts: int = 0
+  grouped_matmul: Optional[str] = None
+  dropless_block_size: int = 128
 
   def __post_init__(self):
     if self.num_experts < 1:
@@ -109,9 +121,20 @@ class MoeLayer(nn.Module):
       raise ValueError(f"MoeLayer.expert_capacity must be >= 1 or None, got {self.expert_capacity}")
     if self.min_expert_capacity < 0:
       raise ValueError(f"MoeLayer.min_expert_capacity must be >= 0, got {self.min_expert_capacity}")
-    if self.dispatch not in dispatch_lib.BACKENDS:
-      raise ValueError(f"MoeLayer.dispatch must be one of {sorted(dispatch_lib.BACKENDS)}, "
-                       f"got {self.dispatch!r}")
+    names = sorted([*dispatch_lib.BACKENDS, dispatch_lib.DROPLESS])
+    if self.dispatch not in names:
+      raise ValueError(f"MoeLayer.dispatch must be one of {names}, got {self.dispatch!r}")
+    if self.dispatch == dispatch_lib.DROPLESS and not isinstance(self.router,
+                                                                 routing._TokensChoose):
+      raise ValueError(f"MoeLayer.dispatch='dropless' needs a tokens-choose router (Switch, "
+                       f"top-k, noisy, ...): {type(self.router).__name__} fills expert buffers "
+                       f"of a fixed capacity by construction and has no dropless form")
+    if self.grouped_matmul not in (None, *dispatch_lib.GROUPED_MATMULS):
+      raise ValueError(f"MoeLayer.grouped_matmul must be None or one of "
+                       f"{dispatch_lib.GROUPED_MATMULS}, got {self.grouped_matmul!r}")
+    if self.dropless_block_size < 1:
+      raise ValueError(f"MoeLayer.dropless_block_size must be >= 1, got "
+                       f"{self.dropless_block_size}")
     if self.router.k > self.num_experts:
       raise ValueError(f"{type(self.router).__name__}.k={self.router.k} exceeds "
                        f"MoeLayer.num_experts={self.num_experts}")
@@ -139,6 +162,9 @@ class MoeLayer(nn.Module):
     x_GSD = nn.with_logical_constraint(x_BLD.reshape(groups, group_size, d_model),
                                        ("batch", "unmodeled", "embed"))
     mask_GS = None if padding_mask_BL is None else padding_mask_BL.reshape(groups, group_size)
+    if self.dispatch == dispatch_lib.DROPLESS:
+      y_GSD = self._dropless(x_GSD, mask_GS, deterministic)
+      return self._finish(y_GSD, x_BLD, deterministic)
 
     stepping = decode and self.has_variable("cache", "expert_fill")
     fill = (self.variable("cache", "expert_fill", jnp.zeros, (batch, self.num_experts), jnp.int32)
@@ -176,7 +202,39 @@ class MoeLayer(nn.Module):
     y_EGCD = nn.with_logical_constraint(y_EGCD, local_axes)
     y_GSD = nn.with_logical_constraint(combine(y_EGCD, routes, group_size),
                                        ("batch", "unmodeled", "embed"))
-    y_BLD = y_GSD.reshape(batch, length, d_model).astype(x_BLD.dtype)
+    return self._finish(y_GSD, x_BLD, deterministic)
+
+  def _dropless(self, x_GSD, mask_GS, deterministic):
+    """Routes every token to all its valid choices: sort by expert, grouped matmul, unsort."""
+    captured = []
+
+    def keep_choices(next_fun, args, kwargs, context):
+      # Every tokens-choose router hands its TokenChoices to `fill_choices`: take them there.
+      if context.method_name == "fill_choices":
+        captured.append(args[0] if args else kwargs["choices"])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(keep_choices):
+      # Capacity S: the (unused, so compiled away) buffers hold every choice.
+      routes = self.router(x_GSD, num_experts=self.num_experts, capacity=x_GSD.shape[1],
+                           padding_mask_GS=mask_GS, deterministic=deterministic)
+    if len(captured) != 1:
+      raise ValueError(f"MoeLayer.dispatch='dropless': {type(self.router).__name__} did not "
+                       f"pass its TokenChoices through fill_choices exactly once")
+    (choices,) = captured
+    self.sow(MOE_STATS, "router_stats",
+             routes.stats.replace(fraction_dropped=jnp.zeros((), jnp.float32)))
+    kernel = self.grouped_matmul or dispatch_lib.default_grouped_matmul()
+    block = dispatch_lib.dropless_block_size(choices.expert_GSK.size, self.num_experts,
+                                             self.dropless_block_size, kernel)
+    rows = dispatch_lib.sort_choices(choices, self.num_experts, block, kernel)
+    x_RD = dispatch_lib.dropless_dispatch(x_GSD.astype(self.dtype), rows)
+    y_RD = self.expert(x_RD, deterministic=deterministic, rows=rows)
+    return dispatch_lib.dropless_combine(y_RD, rows, choices)
+
+  def _finish(self, y_GSD, x_BLD, deterministic):
+    """y_BLD in x's dtype, plus the shared experts."""
+    y_BLD = y_GSD.reshape(x_BLD.shape).astype(x_BLD.dtype)
     if self.num_shared_experts:  # K_s shared experts = one dense FFN of hidden K_s * F
       shared = MlpBlock(intermediate_dim=self.num_shared_experts * self.expert.intermediate_dim,
                         activations=self.expert.activations,

@@ -1,0 +1,183 @@
+"""Dropless dispatch (moe_jax.layers.dispatch, MoeLayer.dispatch='dropless').
+
+x [B=2, L=16, D=8], E=4 experts, one group per sequence (S=16). Dropless must equal gather
+whenever gather drops nothing, and otherwise equal each token's dense mixture of its chosen
+experts, recomputed in float64 numpy from the parameters.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.layers import dispatch as dispatch_lib
+from moe_jax.layers import moe, noisy_routing, routing
+from moe_jax.layers.experts import ExpertMlp
+
+E, D, F, B, L = 4, 8, 16, 2, 16
+S = L
+
+
+def _jit(f):
+  """jax.jit without LLVM's optimisation passes: these programs are tiny, compiling dominates."""
+  return jax.jit(f, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _layer(router, **kwargs):
+  kwargs = {"num_experts": E, "router": router, "expert": ExpertMlp(intermediate_dim=F),
+            "max_group_size": S, "min_expert_capacity": 0, "dropless_block_size": 4, **kwargs}
+  return moe.MoeLayer(**kwargs)
+
+
+def _x(seed=0, dtype=jnp.float32):
+  return jnp.asarray(np.random.RandomState(seed).normal(0, 1, (B, L, D)), dtype)
+
+
+def _params(seed=0, noisy=False):
+  rng = np.random.RandomState(seed)
+  normal = lambda scale, *shape: jnp.asarray(rng.normal(0, scale, shape), jnp.float32)
+  router = {"router_weights": {"w": {"kernel": normal(1.0, D, E)}}}
+  if noisy:
+    router["noise_weights"] = {"w": {"kernel": normal(0.3, D, E)}}
+  return {"router": router,
+          "expert": {"wi": {"kernel": normal(D**-0.5, E, D, F)},
+                     "wo": {"kernel": normal(F**-0.5, E, F, D)}}}
+
+
+def _apply(layer, params, x, mask=None, deterministic=True):
+  """-> (y, RouterStats), the routing rng fixed so that noisy routers pick the same experts."""
+  y, state = layer.apply({"params": params}, x, mask, deterministic,
+                         rngs={routing.ROUTING_RNG: jax.random.key(7)}, mutable=[moe.MOE_STATS])
+  return y, state[moe.MOE_STATS]["router_stats"][0]
+
+
+def _ffn(params, x_D, e):
+  """Expert e's ReLU FFN by hand (float64)."""
+  wi = np.asarray(params["expert"]["wi"]["kernel"], np.float64)[e]
+  wo = np.asarray(params["expert"]["wo"]["kernel"], np.float64)[e]
+  return np.maximum(x_D @ wi, 0) @ wo
+
+
+def _top_k_mixture(params, x, k, mask=None):
+  """y_BLD by hand: softmax top-k routing with raw-probability gates, every choice kept."""
+  x64 = np.asarray(x, np.float64)
+  logits = x64 @ np.asarray(params["router"]["router_weights"]["w"]["kernel"], np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  y = np.zeros(x64.shape)
+  for b, t in np.ndindex(B, L):
+    if mask is None or mask[b, t]:
+      for e in np.argsort(-probs[b, t])[:k]:
+        y[b, t] += probs[b, t, e] * _ffn(params, x64[b, t], e)
+  return y
+
+
+ROUTERS = {
+    "switch": (routing.SwitchRouter(), "blocks"),
+    "top2": (routing.TopKRouter(k=2), "blocks"),
+    "top2_renormalize_ragged_dot": (routing.TopKRouter(k=2, renormalize=True), "ragged_dot"),
+    "noisy_top2": (noisy_routing.NoisyTopKRouter(k=2), "blocks"),
+}
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_equals_gather_outputs_and_gradients_when_gather_drops_nothing(name):
+  router, kernel = ROUTERS[name]
+  noisy = name.startswith("noisy")
+  # Capacity factor E: C = min(S, ceil(E * k * S / E)) = S, no expert can overflow.
+  gather = _layer(router, dispatch="gather", train_capacity_factor=E, eval_capacity_factor=E)
+  dropless = _layer(router, dispatch="dropless", grouped_matmul=kernel)
+  params, x = _params(noisy=noisy), _x()
+  cotangent = jnp.asarray(np.random.RandomState(1).normal(0, 1, (B, L, D)), jnp.float32)
+
+  def loss_and_stats(layer):
+    def loss(p, x):
+      y, stats = _apply(layer, p, x, deterministic=not noisy)  # noisy: training-time noise
+      return jnp.sum(y * cotangent), (y, stats)
+    return _jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+  (_, (y_gather, stats_gather)), grads_gather = loss_and_stats(gather)
+  (_, (y_dropless, stats_dropless)), grads_dropless = loss_and_stats(dropless)
+  assert float(stats_gather.fraction_dropped) == 0.0
+  assert float(stats_dropless.fraction_dropped) == 0.0
+  assert np.abs(np.asarray(y_gather)).max() > 0.1
+  np.testing.assert_allclose(y_dropless, y_gather, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_dropless), jax.tree.leaves(grads_gather)):
+    assert np.abs(np.asarray(b)).max() > 1e-3  # every gradient is exercised
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  for field in ("load_balancing_loss", "z_loss", "expert_load_E", "router_confidence"):
+    np.testing.assert_allclose(getattr(stats_dropless, field), getattr(stats_gather, field),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["blocks", "ragged_dot"])
+def test_processes_every_token_where_gather_drops(kernel):
+  router = routing.TopKRouter(k=2)
+  gather = _layer(router, dispatch="gather", eval_capacity_factor=0.5)  # C = 4 of S = 16
+  dropless = _layer(router, dispatch="dropless", grouped_matmul=kernel, eval_capacity_factor=0.5)
+  params, x = _params(seed=2), _x(seed=2)
+  _, stats_gather = _jit(lambda p, x: _apply(gather, p, x))(params, x)
+  y, stats = _jit(lambda p, x: _apply(dropless, p, x))(params, x)
+  assert float(stats_gather.fraction_dropped) > 0.1
+  assert float(stats.fraction_dropped) == 0.0
+  np.testing.assert_allclose(y, _top_k_mixture(params, x, k=2), rtol=1e-4, atol=1e-5)
+
+
+def test_padding_tokens_get_exactly_zero_and_real_ones_their_expert():
+  layer = _layer(routing.SwitchRouter(), dispatch="dropless", eval_capacity_factor=0.25)
+  params, x = _params(seed=3), _x(seed=3)
+  mask = np.ones((B, L), bool)
+  mask[0, :5] = False
+  mask[1, -3:] = False
+  y, stats = _jit(lambda p, x, m: _apply(layer, p, x, m))(params, x, jnp.asarray(mask))
+  assert np.all(np.asarray(y)[~mask] == 0.0)
+  np.testing.assert_allclose(y, _top_k_mixture(params, x, k=1, mask=mask), rtol=1e-4, atol=1e-5)
+  assert float(stats.fraction_dropped) == 0.0
+  np.testing.assert_allclose(np.sum(stats.expert_load_E), 1.0, rtol=1e-6)  # real tokens only
+
+
+def test_bfloat16():
+  layer = _layer(routing.TopKRouter(k=2), dispatch="dropless", dtype=jnp.bfloat16,
+                 expert=ExpertMlp(intermediate_dim=F, dtype=jnp.bfloat16))
+  params, x = _params(seed=4), _x(seed=4)
+  y, stats = _jit(lambda p, x: _apply(layer, p, x.astype(jnp.bfloat16)))(params, x)
+  assert y.dtype == jnp.bfloat16
+  assert stats.load_balancing_loss.dtype == jnp.float32  # router math stays float32
+  # bfloat16 inputs, weights and products: ~3 significant digits.
+  expected = _top_k_mixture(params, np.asarray(x.astype(jnp.bfloat16), np.float64), k=2)
+  np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_one_token_decoding_steps_equal_the_full_sequence():
+  layer = _layer(routing.TopKRouter(k=2, causal=True), dispatch="dropless", sequence_groups=True)
+  params, x = _params(seed=5), _x(seed=5)
+  full, _ = _jit(lambda p, x: _apply(layer, p, x))(params, x)
+  step = _jit(lambda p, x_B1D: layer.apply({"params": p}, x_B1D, decode=True,
+                                              max_decode_length=L, mutable=["cache"])[0])
+  for t in (0, 9):
+    np.testing.assert_allclose(step(params, x[:, t:t + 1]), full[:, t:t + 1], atol=1e-6)
+
+
+def test_sort_choices_by_hand():
+  # One group of 3 tokens, k=2; token 1's 2nd choice is invalid. E=3, blocks of b=2 rows:
+  # expert 0 gets tokens (0, 2) -> rows 0-1; expert 1 nothing; expert 2 tokens (0, 1, 2) ->
+  # rows 2-4 and padding row 5. Static bound: ceil((6 + 3 * (2 - 1)) / 2) = 5 blocks.
+  choices = routing.TokenChoices(
+      expert_GSK=jnp.asarray([[[0, 2], [2, 1], [0, 2]]], jnp.int32),
+      gate_GSK=jnp.ones((1, 3, 2)), valid_GSK=jnp.asarray([[[1, 1], [1, 0], [1, 1]]], bool),
+      top1_GS=jnp.ones((1, 3)), load_balancing_loss=0.0, z_loss=0.0)
+  rows = dispatch_lib.sort_choices(choices, num_experts=3, block_size=2, grouped_matmul="blocks")
+  np.testing.assert_array_equal(rows.token_R, [0, 2, 0, 1, 2, 3, 3, 3, 3, 3])
+  np.testing.assert_array_equal(rows.row_M, [0, 2, 3, 10, 1, 4])
+  np.testing.assert_array_equal(rows.expert_N, [0, 2, 2, 3, 3])
+  np.testing.assert_array_equal(rows.group_sizes_E, [2, 0, 4])
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"router": routing.ExpertChoiceRouter()}, "ExpertChoiceRouter"),
+    ({"grouped_matmul": "dense"}, r"MoeLayer\.grouped_matmul"),
+    ({"dropless_block_size": 0}, r"MoeLayer\.dropless_block_size"),
+])
+def test_bad_config_is_refused_by_name(kwargs, culprit):
+  with pytest.raises(ValueError, match=culprit):
+    _layer(**{"router": routing.SwitchRouter(), "dispatch": "dropless", **kwargs})

@@ -189,7 +189,8 @@ def build_network(spec: SwitchSpec, dtype: str = "float32") -> SparseEncoderDeco
       router=SwitchRouter(jitter_noise=spec.router_jitter_noise, ignore_padding_tokens=False),
       expert=ExpertMlp(intermediate_dim=spec.d_ff, activations=spec.activations,
                        intermediate_dropout_rate=spec.dropout_rate, dtype=dtype),
-      sequence_groups=True, expert_capacity=spec.expert_capacity, dtype=dtype)
+      sequence_groups=True, expert_capacity=spec.expert_capacity, dtype=dtype,
+      dispatch="gather")  # configs/architectures/moe.gin's default
   stack = dict(num_heads=spec.num_heads, head_dim=spec.d_kv, mlp=mlp, moe=moe,
                dropout_rate=spec.dropout_rate, dtype=dtype,
                relative_attention_num_buckets=spec.relative_attention_num_buckets,

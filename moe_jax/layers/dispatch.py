@@ -25,8 +25,8 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
     [E, max_rows, D] buffer needs max_rows = M to be dropless: both lose to gather at capacity
     factor 1.25; the block scan does the real rows plus < E blocks of padding.
 
-Sorted rows are not sharded on 'expert' yet (that needs shard_map + all_to_all): under a mesh
-the dropless path is correct but GSPMD places the rows as it sees fit.
+Under a mesh, `moe_jax.layers.expert_parallel` runs the same steps per shard with explicit
+`shard_map` + `all_to_all` communication (expert parallelism).
 """
 
 from __future__ import annotations
@@ -101,13 +101,16 @@ def dropless_block_size(num_choices: int, num_experts: int, max_block_size: int,
 
 @struct.dataclass
 class SortedRows:
-  """Token choices sorted by expert into R rows, each expert's padded to a multiple of b rows.
+  """Items (token choices) sorted by expert into R rows, each expert's padded to b rows.
 
-  token_R: [R] int32, the token (index into the G*S tokens) of each row; G*S for padding rows.
-  row_M: [M] int32, the row of each choice (M = G*S*K, token-major); R for invalid choices.
+  token_R: [R] int32, the item's source row (a token of the G*S; with `per_item` > 1 choices
+    of one token share it) for each row; the number of sources for padding rows.
+  row_M: [M] int32, the row of each item (token-major choices); R for invalid items.
   expert_N: [N = R / b] int32, the expert of each block of b rows; E for blocks past the last.
   group_sizes_E: [E] int32, rows per expert (padding included; they sum to <= R).
-  num_experts, block_size, grouped_matmul: static.
+  num_experts, block_size, grouped_matmul: static. row_axes: static, the mesh axes the rows
+    are split over (expert parallelism, `moe_jax.layers.expert_parallel`): each shard's rows,
+    experts and arrays are then its own, and `matmul` runs per shard; () on one device.
   """
   token_R: jax.Array
   row_M: jax.Array
@@ -116,26 +119,50 @@ class SortedRows:
   num_experts: int = struct.field(pytree_node=False)
   block_size: int = struct.field(pytree_node=False)
   grouped_matmul: str = struct.field(pytree_node=False)
+  row_axes: tuple = struct.field(pytree_node=False, default=())
 
-  def matmul(self, x_RI, w_EIO):
-    """Each row times its expert's kernel: y_RO[r] = x_RI[r] @ w_EIO[expert of r]."""
+  def matmul(self, x_RI, w_EIO, mesh_axes_EIO=(None, None, None)):
+    """Each row times its expert's kernel: y_RO[r] = x_RI[r] @ w_EIO[expert of r].
+
+    With `row_axes`, per shard under `shard_map`: `mesh_axes_EIO` says how w is sharded (its
+    experts on the expert axis; a sharded I is summed over its axis, a sharded O stays split).
+    """
+    if not self.row_axes:
+      return self._local_matmul(x_RI, w_EIO, self.expert_N, self.group_sizes_E)
+    P = jax.sharding.PartitionSpec
+    e_axis, i_axis, o_axis = mesh_axes_EIO
+    if i_axis is not None and jax.sharding.get_abstract_mesh().shape[i_axis] == 1:
+      i_axis = None  # nothing to sum over
+
+    def local(x_RI, w_EIO, expert_N, sizes_E):
+      y_RO = self._local_matmul(x_RI, w_EIO, expert_N, sizes_E)
+      return y_RO if i_axis is None else jax.lax.psum(y_RO, i_axis)
+
+    rows = P(self.row_axes)
+    return jax.shard_map(local, in_specs=(P(self.row_axes, i_axis), P(e_axis, i_axis, o_axis),
+                                          rows, rows),
+                         out_specs=P(self.row_axes, o_axis), check_vma=False)(
+                             x_RI, w_EIO, self.expert_N, self.group_sizes_E)
+
+  def _local_matmul(self, x_RI, w_EIO, expert_N, sizes_E):
     if self.grouped_matmul == "ragged_dot":
-      return jax.lax.ragged_dot(x_RI, w_EIO, self.group_sizes_E)
-    return _block_matmul(x_RI, w_EIO, self.expert_N)
+      return jax.lax.ragged_dot(x_RI, w_EIO, sizes_E)
+    return _block_matmul(x_RI, w_EIO, expert_N)
 
 
-def sort_choices(choices: TokenChoices, num_experts: int, block_size: int,
-                 grouped_matmul: str) -> SortedRows:
-  """Sorts the G*S*K choices by expert (stable: token order within an expert) into rows."""
+def sort_rows(expert_M, num_experts: int, block_size: int, grouped_matmul: str,
+              per_item: int = 1) -> SortedRows:
+  """Sorts M items by expert (stable: item order within an expert) into block-padded rows.
+
+  expert_M: [M] int32, each item's expert; `num_experts` marks an invalid item (no row). Item
+  m reads source row m // per_item (a token's k choices share its row of x).
+  """
   if grouped_matmul not in GROUPED_MATMULS:
     raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}")
-  num_tokens = math.prod(choices.expert_GSK.shape[:2])
-  k = choices.expert_GSK.shape[-1]
-  num_choices = num_tokens * k
+  num_items = expert_M.shape[0]
   # Every expert's group ends with < b padding rows: M + E*(b-1) rows is the static bound.
-  num_blocks = -(-(num_choices + num_experts * (block_size - 1)) // block_size)
+  num_blocks = -(-(num_items + num_experts * (block_size - 1)) // block_size)
   num_rows = num_blocks * block_size
-  expert_M = jnp.where(choices.valid_GSK, choices.expert_GSK, num_experts).reshape(-1)
   counts_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
   sizes_E = -(-counts_E // block_size) * block_size
   ends_E = jnp.cumsum(sizes_E)
@@ -143,15 +170,27 @@ def sort_choices(choices: TokenChoices, num_experts: int, block_size: int,
   sorted_expert_M = expert_M[order_M]
   in_range_M = sorted_expert_M < num_experts
   expert_or_0 = jnp.where(in_range_M, sorted_expert_M, 0)
-  first_M = jnp.cumsum(counts_E)[expert_or_0] - counts_E[expert_or_0]  # expert's first choice
-  row = ends_E[expert_or_0] - sizes_E[expert_or_0] + jnp.arange(num_choices) - first_M
-  row_M = jnp.zeros((num_choices,), jnp.int32).at[order_M].set(
+  first_M = jnp.cumsum(counts_E)[expert_or_0] - counts_E[expert_or_0]  # expert's first item
+  row = ends_E[expert_or_0] - sizes_E[expert_or_0] + jnp.arange(num_items) - first_M
+  row_M = jnp.zeros((num_items,), jnp.int32).at[order_M].set(
       jnp.where(in_range_M, row, num_rows).astype(jnp.int32))
-  token_R = jnp.full((num_rows,), num_tokens, jnp.int32).at[row_M].set(
-      jnp.arange(num_choices, dtype=jnp.int32) // k, mode="drop")
+  token_R = jnp.full((num_rows,), num_items // per_item, jnp.int32).at[row_M].set(
+      jnp.arange(num_items, dtype=jnp.int32) // per_item, mode="drop")
   expert_N = jnp.searchsorted(ends_E, jnp.arange(num_blocks) * block_size, side="right")
   return SortedRows(token_R, row_M, expert_N.astype(jnp.int32), sizes_E, num_experts,
                     block_size, grouped_matmul)
+
+
+def choice_experts(choices: TokenChoices, num_experts: int):
+  """expert_M [G*S*K] (token-major), `num_experts` for invalid choices (sort_rows' input)."""
+  return jnp.where(choices.valid_GSK, choices.expert_GSK, num_experts).reshape(-1)
+
+
+def sort_choices(choices: TokenChoices, num_experts: int, block_size: int,
+                 grouped_matmul: str) -> SortedRows:
+  """Sorts the G*S*K choices by expert (stable: token order within an expert) into rows."""
+  return sort_rows(choice_experts(choices, num_experts), num_experts, block_size,
+                   grouped_matmul, per_item=choices.expert_GSK.shape[-1])
 
 
 def dropless_dispatch(x_GSD, rows: SortedRows):
@@ -160,12 +199,16 @@ def dropless_dispatch(x_GSD, rows: SortedRows):
   return jnp.take(x_TD, rows.token_R, axis=0, mode="fill", fill_value=0)
 
 
-def dropless_combine(y_RD, rows: SortedRows, choices: TokenChoices):
-  """y_GSD = sum_k gate_k * y[row of choice k]; invalid choices contribute exactly 0."""
+def choice_outputs(y_RD, rows: SortedRows):
+  """y_MD: each choice's row of expert output (zeros for invalid choices)."""
+  return jnp.take(y_RD, rows.row_M, axis=0, mode="fill", fill_value=0)
+
+
+def dropless_combine(y_MD, choices: TokenChoices):
+  """y_GSD = sum_k gate_k * y[choice k]; invalid choices contribute exactly 0."""
   groups, group_size, k = choices.expert_GSK.shape
-  y_GSKD = jnp.take(y_RD, rows.row_M, axis=0, mode="fill", fill_value=0).reshape(
-      groups, group_size, k, y_RD.shape[-1])
-  gate_GSK = jnp.where(choices.valid_GSK, choices.gate_GSK, 0.0).astype(y_RD.dtype)
+  y_GSKD = y_MD.reshape(groups, group_size, k, y_MD.shape[-1])
+  gate_GSK = jnp.where(choices.valid_GSK, choices.gate_GSK, 0.0).astype(y_MD.dtype)
   return jnp.einsum("GSK,GSKD->GSD", gate_GSK, y_GSKD)
 
 

@@ -28,8 +28,9 @@ class ExpertDense(nn.Module):
     num_experts = x.shape[0] if rows is None else rows.num_experts
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         (num_experts, x.shape[-1], self.features), jnp.float32)
-    if rows is not None:
-      return rows.matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    if rows is not None:  # sharded rows need the kernel's mesh axes (expert, I, O)
+      mesh_axes = tuple(nn.logical_to_mesh_axes(self.axes)) if rows.row_axes else (None,) * 3
+      return rows.matmul(x.astype(self.dtype), kernel.astype(self.dtype), mesh_axes)
     return jnp.einsum("E...I,EIO->E...O", x.astype(self.dtype), kernel.astype(self.dtype))
 
 
@@ -59,7 +60,7 @@ class ExpertMlp(nn.Module):
       return lambda x: layer(x, rows)
 
     hidden_axes = (("expert", "expert_group", "unmodeled", "mlp") if rows is None
-                   else ("unmodeled", "mlp"))  # sorted rows: not sharded on 'expert' yet
+                   else ("batch", "mlp"))  # sorted rows: on their expert's shard
     return feed_forward(
         x_EGCD, dense, activations=self.activations, intermediate_dim=self.intermediate_dim,
         out_dim=x_EGCD.shape[-1], dropout_rate=self.intermediate_dropout_rate,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.layers import dispatch as dispatch_lib
+from moe_jax.layers import expert_parallel
 from moe_jax.layers import routing
 from moe_jax.layers.dense import MlpBlock
 from moe_jax.layers.experts import ExpertMlp
@@ -79,12 +80,13 @@ class MoeLayer(nn.Module):
   a dense FFN: only routing skips them); in decoding steps it is a per-token FFN.
 
   Dropless (`dispatch="dropless"`, MegaBlocks, Gale et al. 2022, arXiv:2211.15841; see
-  `moe_jax.layers.dispatch`): tokens-choose routers only (their `fill_choices` input, the
-  `TokenChoices`, is taken as the router hands it over); capacity factors are not read and
+  `moe_jax.layers.dispatch`): tokens-choose routers only (called with `capacity=None` they
+  return their `TokenChoices` unbuffered); capacity factors are not read and
   `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "blocks", None: by
   backend) and `dropless_block_size` (rows per block of the CPU block scan) choose the kernel.
   Decoding works as it is (no capacity, so each token's output is its own: causal by
-  construction; no cache is kept). Not yet sharded on 'expert': one device, or replicated rows.
+  construction; no cache is kept). Under a mesh it is expert-parallel by explicit all-to-all
+  (`moe_jax.layers.expert_parallel`).
   """
   num_experts: int = 8
   router: routing.Router = routing.SwitchRouter()
@@ -205,32 +207,34 @@ class MoeLayer(nn.Module):
     return self._finish(y_GSD, x_BLD, deterministic)
 
   def _dropless(self, x_GSD, mask_GS, deterministic):
-    """Routes every token to all its valid choices: sort by expert, grouped matmul, unsort."""
-    captured = []
+    """Routes every token to all its valid choices: sort by expert, grouped matmul, unsort.
 
-    def keep_choices(next_fun, args, kwargs, context):
-      # Every tokens-choose router hands its TokenChoices to `fill_choices`: take them there.
-      if context.method_name == "fill_choices":
-        captured.append(args[0] if args else kwargs["choices"])
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(keep_choices):
-      # Capacity S: the (unused, so compiled away) buffers hold every choice.
-      routes = self.router(x_GSD, num_experts=self.num_experts, capacity=x_GSD.shape[1],
-                           padding_mask_GS=mask_GS, deterministic=deterministic)
-    if len(captured) != 1:
-      raise ValueError(f"MoeLayer.dispatch='dropless': {type(self.router).__name__} did not "
-                       f"pass its TokenChoices through fill_choices exactly once")
-    (choices,) = captured
-    self.sow(MOE_STATS, "router_stats",
-             routes.stats.replace(fraction_dropped=jnp.zeros((), jnp.float32)))
+    Under a mesh each shard sorts its own tokens and the rows move to their expert's shard by
+    explicit all-to-all (`moe_jax.layers.expert_parallel`)."""
+    routes = self.router(x_GSD, num_experts=self.num_experts, capacity=None,
+                         padding_mask_GS=mask_GS, deterministic=deterministic)
+    choices = routes.choices
+    self.sow(MOE_STATS, "router_stats", routes.stats)
     kernel = self.grouped_matmul or dispatch_lib.default_grouped_matmul()
-    block = dispatch_lib.dropless_block_size(choices.expert_GSK.size, self.num_experts,
-                                             self.dropless_block_size, kernel)
-    rows = dispatch_lib.sort_choices(choices, self.num_experts, block, kernel)
-    x_RD = dispatch_lib.dropless_dispatch(x_GSD.astype(self.dtype), rows)
+    x_GSD = x_GSD.astype(self.dtype)
+    plan = expert_parallel.plan(self.num_experts)
+    if plan is None:
+      block = dispatch_lib.dropless_block_size(choices.expert_GSK.size, self.num_experts,
+                                               self.dropless_block_size, kernel)
+      rows = dispatch_lib.sort_choices(choices, self.num_experts, block, kernel)
+      y_RD = self.expert(dispatch_lib.dropless_dispatch(x_GSD, rows),
+                         deterministic=deterministic, rows=rows)
+      return dispatch_lib.dropless_combine(dispatch_lib.choice_outputs(y_RD, rows), choices)
+    # A shard receives up to p * M_local rows for its E / p experts: M_local * p / E each.
+    block = dispatch_lib.dropless_block_size(choices.expert_GSK.size // math.prod(
+        jax.sharding.get_abstract_mesh().shape[a] for a in plan.row_axes) * plan.expert_shards,
+        self.num_experts, self.dropless_block_size, kernel)
+    x_RD, rows, unsort = expert_parallel.dispatch(
+        x_GSD.reshape(-1, x_GSD.shape[-1]), dispatch_lib.choice_experts(choices, self.num_experts),
+        k=self.router.k, num_experts=self.num_experts, block_size=block, grouped_matmul=kernel,
+        plan=plan)
     y_RD = self.expert(x_RD, deterministic=deterministic, rows=rows)
-    return dispatch_lib.dropless_combine(y_RD, rows, choices)
+    return dispatch_lib.dropless_combine(expert_parallel.combine(y_RD, unsort, plan), choices)
 
   def _finish(self, y_GSD, x_BLD, deterministic):
     """y_BLD in x's dtype, plus the shared experts."""

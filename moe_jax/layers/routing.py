@@ -20,7 +20,7 @@ a group, hence the cap.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import gin
@@ -63,11 +63,15 @@ class RouterOutput:
     the slot is empty. Differentiable w.r.t. the router weights.
   valid_GEC: [G, E, C] bool, whether the slot holds a token.
   stats: aux losses and metrics.
+  With `capacity=None` (dropless, tokens-choose routers only) the three buffers are None and
+  `choices` holds every token's k choices instead; nothing is dropped.
   """
-  token_index_GEC: jax.Array
-  combine_GEC: jax.Array
-  valid_GEC: jax.Array
+  token_index_GEC: Optional[jax.Array]
+  combine_GEC: Optional[jax.Array]
+  valid_GEC: Optional[jax.Array]
   stats: RouterStats
+  # Dropless routing (`capacity=None`, tokens-choose routers): the choices themselves, no buffers.
+  choices: Optional["TokenChoices"] = None
 
 
 @struct.dataclass
@@ -177,10 +181,12 @@ class Router(nn.Module):
     return float(self.k)
 
   @nn.compact
-  def __call__(self, x_GSD, *, num_experts: int, capacity: int, padding_mask_GS=None,
-               deterministic: bool = True, expert_fill_GE=None) -> RouterOutput:
+  def __call__(self, x_GSD, *, num_experts: int, capacity: Optional[int],
+               padding_mask_GS=None, deterministic: bool = True,
+               expert_fill_GE=None) -> RouterOutput:
     """Routes each group; `expert_fill_GE` [G, E] (decoding) counts the slots that earlier
-    tokens of each group already fill, so this call's tokens continue those buffers."""
+    tokens of each group already fill, so this call's tokens continue those buffers.
+    `capacity=None`: dropless, the `TokenChoices` without buffers (tokens-choose routers)."""
     x_GSD = x_GSD.astype(jnp.float32)
     if self.jitter_noise > 0 and not deterministic:
       # Multiplicative jitter on the router inputs (Switch Transformer, sec. 2.4).
@@ -321,9 +327,13 @@ class _TokensChoose(Router):
   def fill_choices(self, choices: TokenChoices, mask_GS, num_experts, capacity,
                    expert_fill_GE=None) -> RouterOutput:
     """The one path from (expert, gate) choices to buffers and metrics, shared by every
-    tokens-choose router: priority order, capacity, causal order, decode-time fill."""
+    tokens-choose router: priority order, capacity, causal order, decode-time fill.
+    `capacity=None` (dropless) keeps every valid choice: the choices come back unbuffered."""
     expert_GSK, gate_GSK, valid_GSK = choices.expert_GSK, choices.gate_GSK, choices.valid_GSK
     num_groups, group_size, k = expert_GSK.shape
+    if capacity is None:  # dropless: every valid choice is processed, nothing to fill
+      stats = self._stats(choices, mask_GS, num_experts, jnp.zeros((), jnp.float32))
+      return RouterOutput(None, None, None, stats, choices)
     if self.batch_prioritized_routing:
       order_GS = jnp.argsort(-jnp.where(mask_GS, choices.top1_GS, -1.0), axis=-1, stable=True)
     else:
@@ -343,14 +353,19 @@ class _TokensChoose(Router):
 
     kept_GS = jnp.zeros((num_groups, group_size), bool).at[
         jnp.arange(num_groups)[:, None], token_GA].max(kept_GA)
-    stats = RouterStats(
+    stats = self._stats(choices, mask_GS, num_experts, _token_mean(1.0 - kept_GS, mask_GS))
+    return RouterOutput(token_GEC, combine_GEC, valid_GEC, stats)
+
+  @staticmethod
+  def _stats(choices: TokenChoices, mask_GS, num_experts, fraction_dropped) -> RouterStats:
+    k = choices.expert_GSK.shape[-1]
+    return RouterStats(
         load_balancing_loss=choices.load_balancing_loss,
         z_loss=choices.z_loss,
-        fraction_dropped=_token_mean(1.0 - kept_GS, mask_GS),
+        fraction_dropped=fraction_dropped,
         expert_load_E=_token_mean(
-            jnp.sum(jax.nn.one_hot(expert_GSK, num_experts), axis=-2) / k, mask_GS),
+            jnp.sum(jax.nn.one_hot(choices.expert_GSK, num_experts), axis=-2) / k, mask_GS),
         router_confidence=_token_mean(choices.top1_GS, mask_GS))
-    return RouterOutput(token_GEC, combine_GEC, valid_GEC, stats)
 
 
 @gin.configurable(module="moe_jax.layers.routing")
@@ -399,6 +414,9 @@ class ExpertChoiceRouter(Router):
     return float(capacity_factor)
 
   def route(self, logits_GSE, mask_GS, capacity, deterministic):
+    if capacity is None:
+      raise ValueError("ExpertChoiceRouter fills expert buffers of a fixed capacity by "
+                       "construction: it has no dropless form (capacity=None)")
     num_experts = logits_GSE.shape[-1]
     probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
     scores_GES = jnp.where(mask_GS[..., None], probs_GSE, -1.0).swapaxes(1, 2)

@@ -5,6 +5,7 @@ whenever gather drops nothing, and otherwise equal each token's dense mixture of
 experts, recomputed in float64 numpy from the parameters.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +182,44 @@ def test_sort_choices_by_hand():
 def test_bad_config_is_refused_by_name(kwargs, culprit):
   with pytest.raises(ValueError, match=culprit):
     _layer(**{"router": routing.SwitchRouter(), "dispatch": "dropless", **kwargs})
+
+
+@pytest.mark.parametrize("mesh_shape, kernel", [((2, 4, 1), "blocks"), ((1, 4, 2), "blocks"),
+                                                ((2, 2, 2), "ragged_dot"), ((4, 1, 2), "blocks")])
+def test_expert_parallel_equals_one_device(mesh_shape, kernel):
+  """On 8 devices (data, expert, model) the dropless layer, whose rows move to their expert's
+  shard by explicit all-to-all, gives one device's outputs, aux losses and gradients (params
+  and inputs), with expert weights split over 'expert' and their hidden dim over 'model'."""
+  from moe_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+  layer = _layer(routing.TopKRouter(k=2), dispatch="dropless", grouped_matmul=kernel,
+                 max_group_size=4)  # 8 groups on every mesh: the same balance loss
+  rng = np.random.RandomState(6)  # 8 sequences of 4 tokens: a row per group, per shard
+  params, x = _params(seed=6), jnp.asarray(rng.normal(0, 1, (8, 4, D)), jnp.float32)
+  mask = jnp.asarray(rng.uniform(size=(8, 4)) > 0.2)
+
+  def loss(p, x):
+    y, stats = _apply(layer, p, x, mask, deterministic=False)
+    return jnp.sum(y * y) + stats.load_balancing_loss, (y, stats)
+
+  grad = lambda: jax.grad(loss, argnums=(0, 1), has_aux=True)
+  (want_grads, (want_y, want_stats)) = _jit(grad())(params, x)
+  mesh = partitioning.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh), partitioning.axis_rules():
+    specs = nn.get_partition_spec(jax.eval_shape(layer.init, jax.random.key(0), x))["params"]
+    shard = lambda tree, spec: jax.device_put(tree, jax.tree.map(
+        lambda s: jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(s)), spec,
+        is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)))
+    p_sharded = shard(params, specs)
+    x_sharded = jax.device_put(x, partitioning.batch_sharding(mesh))
+    step = _jit(grad())
+    hlo = step.lower(p_sharded, x_sharded).compile().as_text()
+    (grads, (y, stats)) = step(p_sharded, x_sharded)
+  np.testing.assert_allclose(y, want_y, atol=1e-5)
+  np.testing.assert_allclose(stats.load_balancing_loss, want_stats.load_balancing_loss, atol=1e-6)
+  assert float(stats.fraction_dropped) == 0.0
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  # Rows travel by all-to-all over 'expert' (in and back, forward and backward); expert
+  # weights never leave their shard.
+  assert (hlo.count(" all-to-all(") >= 4) == (mesh.shape["expert"] > 1)
+  assert " all-gather(" not in hlo

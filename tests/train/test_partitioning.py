@@ -137,11 +137,14 @@ def _moe_networks():
       "bpr_top2_encoder_random_top2_decoder": encoder_decoder(
           routing.TopKRouter(k=2, batch_prioritized_routing=True),
           routing.TopKRouter(k=2, second_expert_policy="random")),
+      "switch_gather": tiny.network(dispatch="gather"),
+      "top2_dropless": tiny.network(router=routing.TopKRouter(k=2), dispatch="dropless"),
   }
 
 
 @pytest.mark.parametrize("name", ["switch", "expert_choice_encoder_top2_decoder",
-                                  "bpr_top2_encoder_random_top2_decoder"])
+                                  "bpr_top2_encoder_random_top2_decoder", "switch_gather",
+                                  "top2_dropless"])
 def test_expert_sharded_train_step_compiles_to_all_to_all(name):
   """Under jax.set_mesh the MoE layer's constraints ('batch' groups -> 'expert' buffers) make
   GSPMD move tokens with all-to-all; without them it would all-gather the expert weights.
@@ -166,5 +169,6 @@ def test_expert_sharded_train_step_compiles_to_all_to_all(name):
                      ).compile(compiler_options={"xla_backend_optimization_level": 0}).as_text()
   # Per MoE layer (2 in each network): one all-to-all into the experts and one back, forward
   # and backward; routing and dispatch stay local to each shard's groups (no all-gather).
-  assert hlo.count(" all-to-all(") == 8
+  # Dropless (explicit shard_map) also sends each row's expert id forward: 5 per layer.
+  assert hlo.count(" all-to-all(") == (10 if name.endswith("dropless") else 8)
   assert " all-gather(" not in hlo, [line for line in hlo.splitlines() if " all-gather(" in line]

@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "sacrebleu==2.6.0",  # BLEU for translation (seqio 0.0.20 ships no text metrics)
     "safetensors==0.8.0",  # moe_jax.convert reads Hugging Face checkpoints (numpy, no torch)
     "scikit-learn==1.9.1",  # the offline `digits` image task (load_digits ships in the wheel)
+    "matplotlib==3.11.2",  # routing_report and study plots (PNG)
 ]
 
 setuptools.setup(

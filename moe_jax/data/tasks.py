@@ -11,6 +11,8 @@ macro VOCABULARY_PATH names (e.g. a Switch release's `spiece.model`), looked up 
   "targets" = "<de>", + EOS; metric BLEU.
 - `digits`, `cifar10` (moe_jax.data.images): image classification, pixels as "inputs" tokens
   and the label as one "targets" token; not vocabulary-dependent, registered once.
+- `synthetic_facts` (moe_jax.data.facts): seeded random "key=value\\n" facts to memorise,
+  generated offline; always bytes (values at fixed positions), registered once.
 
 Splits: train / validation / test. The LM has no EOS: its windows cut a continuous text at
 arbitrary points, so an EOS there would teach the model to end mid-sentence.
@@ -21,7 +23,7 @@ from typing import Optional, Tuple
 
 import seqio
 
-from moe_jax.data import images, metrics, preprocessors, sources, span_corruption
+from moe_jax.data import facts, images, metrics, preprocessors, sources, span_corruption
 from moe_jax.data.vocabularies import ConfiguredVocabulary
 
 TINY_SHAKESPEARE_LM = "tiny_shakespeare_lm"
@@ -87,3 +89,4 @@ def register_tasks(vocabulary: Optional[seqio.Vocabulary] = None,
 register_tasks()
 for _name, _task in images.image_tasks().items():
   _add(_name, **_task)
+_add(facts.SYNTHETIC_FACTS, **facts.task_kwargs())

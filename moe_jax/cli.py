@@ -151,12 +151,25 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
                      default=None, help="number of processes")
   group.add_argument("--process_index", "--process_id", dest="process_id", type=int,
                      default=None, help="this process's index, 0 .. process_count - 1")
+  group.add_argument("--local_device_ids", type=_device_ids, default=None,
+                     help="comma-separated accelerators this process drives, e.g. 0,1,2,3,4,5,6,7 "
+                     "for one process per node under SLURM (which otherwise gives each process "
+                     "only GPU $SLURM_LOCALID)")
+
+
+def _device_ids(text: str) -> list[int]:
+  try:
+    return [int(i) for i in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"--local_device_ids takes comma-separated integers, got {text!r}") from None
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
   if args.multiprocess or args.coordinator_address:
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               local_device_ids=args.local_device_ids)
 
 
 def _parser(doc: str) -> argparse.ArgumentParser:

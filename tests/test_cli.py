@@ -125,8 +125,12 @@ def test_t5x_gin_bindings_and_process_flags():
   assert gin.query_parameter("%NUM_EXPERTS") == 6 and gin.query_parameter("%EMBED_DIM") == 24
   assert (args.multiprocess, args.coordinator_address, args.num_processes,
           args.process_id) == (True, "10.0.0.1:1234", 2, 1)
-  ours = parser.parse_known_args(["--multiprocess", "--num_processes=3", "--process_id=0"])[0]
-  assert (ours.multiprocess, ours.num_processes, ours.process_id) == (True, 3, 0)
+  ours = parser.parse_known_args(["--multiprocess", "--num_processes=3", "--process_id=0",
+                                   "--local_device_ids=0,1,2"])[0]
+  assert (ours.multiprocess, ours.num_processes, ours.process_id,
+          ours.local_device_ids) == (True, 3, 0, [0, 1, 2])
+  with pytest.raises(SystemExit):  # argparse names the flag and the bad value
+    parser.parse_known_args(["--local_device_ids=0,gpu1"])
   with pytest.raises(SystemExit):
     gin_utils.parse_flags(["--gin_file=models/switch_tiny.gin", "--gin_bindingz=X = 1"])
 

@@ -10,6 +10,7 @@ each example) let attention and position biases keep them apart.
 
 import difflib
 import logging
+import os
 from typing import Mapping, Optional
 
 import seqio
@@ -40,7 +41,8 @@ class LMFeatureConverter(_TaskFeaturesOnly, seqio.LMFeatureConverter):
 
 class _DropUncachedShuffleWarning(logging.Filter):
   """seqio warns that an uncached FunctionDataSource reshuffles poorly on restarts. Ours shuffle
-  in the source with the pipeline seed, and a restart skips exactly the consumed batches."""
+  in the source with the pipeline seed, and a restart restores the iterator's saved state (or
+  skips exactly the consumed batches)."""
 
   def filter(self, record):
     return not record.getMessage().startswith("Using an uncached FunctionDataset")
@@ -109,3 +111,42 @@ def get_dataset(mixture_or_task_name: str,
       batch_size=batch_size if drop_remainder else None,
       verbose=False)
   return ds if drop_remainder else ds.batch(batch_size, drop_remainder=False)
+
+
+class CheckpointableIterator:
+  """Numpy batches out of a tf.data dataset, whose position can be saved and restored.
+
+  The state is the tf.data iterator's own (`tf.train.Checkpoint(iterator=...)`, as T5X saves
+  it): shuffle buffers, packing state and prefetched batches, so a restore costs the same at any
+  step, where replaying the consumed batches grows with n (benchmarks/restart.py: 1.0 s vs
+  83 s after 20k batches of 16 x 128). Every op of our pipelines is checkpointable; a tiny
+  Shakespeare LM iterator's state is 2-5 MB per process: the shuffle buffers, plus however
+  many batches the prefetch buffers held at that moment.
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._iterator = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return tf.nest.map_structure(lambda t: t.numpy(), next(self._iterator))
+
+  def skip(self, num_batches: int) -> None:
+    """Draws and drops `num_batches` batches: resuming from a checkpoint that holds no state.
+
+    Drawn from this iterator rather than through `ds.skip(n)`, so that the dataset graph, and
+    with it the state this iterator saves later, is the same on both resume paths (measured no
+    slower: ~4 ms per 16 x 128 batch of tiny Shakespeare either way)."""
+    for _ in range(num_batches):
+      next(self._iterator)
+
+  def save(self, prefix: str) -> None:
+    """Writes the position to `prefix.index` / `prefix.data-*` (directories are created)."""
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    tf.train.Checkpoint(iterator=self._iterator).write(prefix)
+
+  def restore(self, prefix: str) -> None:
+    """Moves to the position saved at `prefix` (the dataset must be built the same way)."""
+    tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()

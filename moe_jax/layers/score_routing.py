@@ -214,5 +214,7 @@ def update_router_bias(model_state, router_load):
   biases = traverse_util.flatten_dict(dict(model_state[ROUTER_BIAS]))
   for path, calls in loads.items():
     load_E = sum(call.load_E for call in calls)
-    biases[path] = biases[path] + calls[0].rate * jnp.sign(jnp.mean(load_E) - load_E)
+    # Per router: the mean over its experts (a scanned stack's [layers, E] is each layer's).
+    mean = jnp.mean(load_E, axis=-1, keepdims=True)
+    biases[path] = biases[path] + calls[0].rate * jnp.sign(mean - load_E)
   return {**model_state, ROUTER_BIAS: traverse_util.unflatten_dict(biases)}

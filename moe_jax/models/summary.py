@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from moe_jax.layers.moe import MoeLayer
 from moe_jax.layers.soft_moe import SoftMoE
+from moe_jax.models import scan
 
 
 def abstract_variables(network: nn.Module, batch_size: int = 1, length: int = 8):
@@ -107,8 +108,10 @@ def summarize(network: nn.Module) -> dict[str, Any]:
   capacity_fraction of their active weights, the expected share (`mod_summary`). Attention
   experts count k / E of their expert weights (`attention_expert_summary`).
   """
-  table = param_table(network)
-  sizes = {path: int(np.prod(entry["shape"])) for path, entry in table.items()}
+  # Scanned stacks count layer by layer, under their unrolled names (moe_jax.models.scan).
+  params = jax.eval_shape(scan.unstack_layers, nn.unbox(abstract_variables(network)["params"]))
+  sizes = {path: int(np.prod(leaf.shape))
+           for path, leaf in traverse_util.flatten_dict(params, sep="/").items()}
   total = sum(sizes.values())
   active = total
   moe_layers = []

@@ -5,6 +5,7 @@ gated or plain FFNs. Each layer's FFN is the dense `mlp` template or, at the lay
 `sparse_layout` picks, the `moe` template (Switch Transformer; Fedus et al. 2021).
 `num_sparse_layers=0` is the dense T5 and never builds an MoE layer. The blocks at `mod_layout`
 (same rules) can be wrapped in Mixture-of-Depths (`mixture_of_depths`, Raposo et al. 2024).
+`scan_layers` / `remat_policy` bound compile time and memory (moe_jax.models.scan).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moe_jax.layers.embedding import Embed
 from moe_jax.layers.mixture_of_depths import MixtureOfDepths
 from moe_jax.layers.moe import MoeLayer
 from moe_jax.layers.normalization import RMSNorm
+from moe_jax.models import scan
 
 
 class MoeLayout(enum.Enum):
@@ -138,6 +140,10 @@ class TransformerLayer(nn.Module):
     return x_BLD
 
 
+# Static options as fields, so that nn.remat / nn.scan never trace them.
+_StaticLayer = scan.with_static_options(TransformerLayer)
+
+
 class _SparseStack(nn.Module):
   """What SparseEncoder and SparseDecoder share: layout, layers, relative bias, final norm."""
   num_layers: int = 2
@@ -160,6 +166,10 @@ class _SparseStack(nn.Module):
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   dtype: Any = jnp.float32
+  # Compile time (moe_jax.models.scan): `nn.scan` over the repeating block of layers (params
+  # under `layers/`, stacked on a leading "layers" axis), and per-layer remat.
+  scan_layers: bool = False
+  remat_policy: str = "none"  # one of scan.REMAT_POLICIES
 
   is_decoder: ClassVar[bool] = False
 
@@ -173,7 +183,17 @@ class _SparseStack(nn.Module):
     if self.num_mod_layers and self.mixture_of_depths is None:
       raise ValueError(f"{owner}.mixture_of_depths must be set when "
                        f"num_mod_layers={self.num_mod_layers}")
+    scan.check_remat_policy(owner, self.remat_policy)
+    if self.scan_layers:
+      scan.scan_period(owner, self._layer_pattern(), self.sparse_layout)
     super().__post_init__()
+
+  @nn.nowrap
+  def _layer_pattern(self) -> list[tuple[bool, bool, bool]]:
+    """What makes layer i differ from others: (sparse, extra dense FFN, MoD-routed)."""
+    sparse, routed = set(self.sparse_layers), set(self.mod_layers)
+    return [(i in sparse, i in sparse and self.extra_dense_mlp, i in routed)
+            for i in range(self.num_layers)]
 
   @property
   def sparse_layers(self) -> tuple[int, ...]:
@@ -195,6 +215,19 @@ class _SparseStack(nn.Module):
     if not isinstance(self.moe, MoeLayer):
       return self.moe.copy(parent=None, causal=True)
     return self.moe.copy(parent=None, router=self.moe.router.copy(parent=None, causal=True))
+
+  @nn.nowrap
+  def _layer(self, i: int, static: dict, **kwargs) -> nn.Module:
+    """Layer i (remat-ed per `remat_policy`), with deep copies of the templates: every layer
+    owns its parameters."""
+    sparse = self._layer_pattern()[i][0]
+    ffn = self._moe_layer() if sparse else self.mlp.copy(parent=None)
+    extra = self.mlp.copy(parent=None) if sparse and self.extra_dense_mlp else None
+    cls = scan.remat_class(_StaticLayer, self.remat_policy, self.scan_layers)
+    return cls(self.num_heads, self.head_dim, ffn, decoder=self.is_decoder, extra_mlp=extra,
+               dropout_rate=self.dropout_rate, dtype=self.dtype,
+               self_attention_template=None if self.self_attention is None
+               else self.self_attention.copy(parent=None), **static, **kwargs)
 
   @nn.compact
   def __call__(self, x_BLD, padding_mask_BL, segment_ids_BL=None, *, encoded_BMD=None,
@@ -239,23 +272,24 @@ class _SparseStack(nn.Module):
 
     x_BLD = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(x_BLD, deterministic=deterministic)
     x_BLD = nn.with_logical_constraint(x_BLD.astype(self.dtype), ("batch", "length", "embed"))
-    sparse, routed = set(self.sparse_layers), set(self.mod_layers)
-    for i in range(self.num_layers):
-      # Deep, unbound copies of the templates: every layer owns its parameters.
-      ffn = self._moe_layer() if i in sparse else self.mlp.copy(parent=None)
-      extra = self.mlp.copy(parent=None) if i in sparse and self.extra_dense_mlp else None
-      layer = TransformerLayer(self.num_heads, self.head_dim, ffn, decoder=self.is_decoder,
-                               extra_mlp=extra, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                               self_attention_template=None if self.self_attention is None
-                               else self.self_attention.copy(parent=None),
-                               name=f"layers_{i}")
-      if i in routed:  # the block keeps its parameters at layers_i, its router sits at mod_i
-        layer = functools.partial(
-            self.mixture_of_depths.clone(parent=self, name=f"mod_{i}"), layer)
-      x_BLD = layer(
-          x_BLD, self_bias, padding_mask_BL, encoded_BMD=encoded_BMD,
-          cross_bias_BNLM=cross_bias, deterministic=deterministic, decode=decode,
-          decode_position=position if stepping else None, max_decode_length=max_decode_length)
+    static = dict(deterministic=deterministic, decode=decode,
+                  max_decode_length=max_decode_length)
+    step_position = position if stepping else None
+    pattern = self._layer_pattern()
+    if self.scan_layers:
+      p = scan.scan_period(type(self).__name__, pattern, self.sparse_layout)
+      x_BLD = scan.scanned_layers(
+          [self._layer(i, static, parent=None) for i in range(p)],
+          [pattern[i][2] for i in range(p)], self.mixture_of_depths, self.num_layers, static,
+          x_BLD, self_bias, padding_mask_BL, encoded_BMD, cross_bias, step_position)
+    else:
+      for i in range(self.num_layers):
+        layer = self._layer(i, static, name=f"layers_{i}")
+        if pattern[i][2]:  # the block keeps its parameters at layers_i, its router at mod_i
+          layer = functools.partial(
+              self.mixture_of_depths.clone(parent=self, name=f"mod_{i}"), layer)
+        x_BLD = layer(x_BLD, self_bias, padding_mask_BL, encoded_BMD=encoded_BMD,
+                      cross_bias_BNLM=cross_bias, decode_position=step_position, **static)
     x_BLD = RMSNorm(dtype=self.dtype, name="decoder_norm" if self.is_decoder else "encoder_norm")(
         x_BLD)
     return nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(x_BLD, deterministic=deterministic)

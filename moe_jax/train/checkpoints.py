@@ -2,10 +2,12 @@
 and fine-tuning initialisation (params and model state, optional dense -> MoE "sparse
 upcycling").
 
-Each step directory holds two items: "state" (TrainState: step, params, optimizer state, model
-state such as router biases) and "meta" (JSON: the number of batches the data iterator has
-consumed, and every parameter's shape, so a MODEL_DIR holding an incompatible model is refused
-with a clear message before compilation).
+Each step directory holds up to three items: "state" (TrainState: step, params, optimizer
+state, model state such as router biases), "meta" (JSON: the number of batches the data iterator
+has consumed, and every parameter's shape, so a MODEL_DIR holding an incompatible model is
+refused with a clear message before compilation) and "input_iterator" (each process's tf.data
+iterator state, `process_<i>.*`; absent in checkpoints of older versions, which resume by
+skipping `batches_consumed` batches instead).
 Saves are atomic (orbax renames a finished temporary directory), so a run killed mid-save
 leaves a `*.orbax-checkpoint-tmp*` directory that is never picked up and is deleted when the
 directory is next opened. A committed checkpoint that cannot be read back (disk damage) is
@@ -15,6 +17,7 @@ renamed aside to `<step>.damaged` (never deleted) and the next older one is rest
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -30,6 +33,40 @@ from jax.experimental import multihost_utils
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_SUFFIX = ".damaged"
+INPUT_ITERATOR_ITEM = "input_iterator"
+
+
+def _iterator_prefix(item_dir) -> str:
+  return os.path.join(os.fspath(item_dir), f"process_{jax.process_index()}")
+
+
+class InputIteratorHandler(ocp.CheckpointHandler):
+  """Saves this process's input iterator (anything with `save(prefix)` / `restore(prefix)`,
+  e.g. `moe_jax.data.pipeline.CheckpointableIterator`) as `<item dir>/process_<i>`.
+
+  Synchronous (T5X's `DatasetCheckpointHandler` design): the position is written before
+  `save` returns, i.e. before the loop draws the next batch, into orbax's temporary step
+  directory, so it commits atomically with the state it belongs to.
+  """
+
+  def save(self, directory: epath.Path, args: InputIteratorSave):
+    args.iterator.save(_iterator_prefix(directory))
+
+  def restore(self, directory: epath.Path, args: InputIteratorRestore):
+    args.iterator.restore(_iterator_prefix(directory))
+    return args.iterator
+
+
+@ocp.args.register_with_handler(InputIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class InputIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(InputIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class InputIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
 
 
 class CheckpointError(RuntimeError):
@@ -49,8 +86,9 @@ def check_same_shapes(stored: dict[str, list[int]], ours: dict[str, list[int]],
   diff = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
   shown = "; ".join(f"{k}: {stored.get(k, 'absent')} in the checkpoint, "
                     f"{ours.get(k, 'absent')} in this model" for k in diff[:3])
+  from moe_jax.models import scan  # pylint: disable=g-import-not-at-top  (models stay optional)
   raise ValueError(f"{source} does not hold this model's parameters: {len(diff)} differ in name "
-                   f"or shape, first {shown}. {hint}")
+                   f"or shape, first {shown}. {scan.layout_hint(stored, ours)}{hint}")
 
 
 def remove_unfinished_saves(directory: str) -> None:
@@ -115,12 +153,16 @@ class Checkpointer:
     if step is not None:
       logging.info("Checkpoint saved at step %d: %s", step, os.path.join(self.directory, str(step)))
 
-  def save(self, step: int, state, batches_consumed: int) -> None:
+  def save(self, step: int, state, batches_consumed: int, input_iterator=None) -> None:
+    """Starts saving `state` (async); `input_iterator`'s position is written before returning."""
     self._wait()  # the previous async save's error, if any, names that save's step
-    meta = {"batches_consumed": int(batches_consumed), "param_shapes": shape_table(state.params)}
+    meta = {"batches_consumed": int(batches_consumed), "param_shapes": shape_table(state.params),
+            "num_processes": jax.process_count()}
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if input_iterator is not None:
+      items[INPUT_ITERATOR_ITEM] = InputIteratorSave(input_iterator)
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)))
+      self.manager.save(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise self._save_failed(step, e) from e
     self._pending_step = step
@@ -147,6 +189,19 @@ class Checkpointer:
   def batches_consumed(self, step: int) -> int:
     """How many batches the data iterator had yielded when `step` was saved."""
     return int(self._meta(step)["batches_consumed"])
+
+  def restore_input_iterator(self, step: int, iterator) -> bool:
+    """Moves `iterator` to where it was when `step` was saved; False (iterator untouched) when
+    the checkpoint holds no position for this process: saved by an older version (skip
+    `batches_consumed(step)` batches instead), or by another number of processes (each held
+    another shard)."""
+    prefix = _iterator_prefix(os.path.join(self.directory, str(step), INPUT_ITERATOR_ITEM))
+    saved_by = self._meta(step).get("num_processes", jax.process_count())
+    if saved_by != jax.process_count() or not os.path.exists(prefix + ".index"):
+      return False
+    # Read directly, not through the manager: per process, no collective to wait on.
+    iterator.restore(prefix)
+    return True
 
   def _check_shapes(self, step: int, meta: dict, params) -> None:
     recorded = os.path.join(os.path.dirname(self.directory), "config.gin")
@@ -303,7 +358,12 @@ def init_params_from(target_params, loaded: dict, upcycle: bool = False):
   upcycle=True (sparse upcycling, Komatsuzaki et al. 2022): an expert kernel [E, ...] with no
   match is filled with the dense checkpoint's `<layer>/mlp/<name>/kernel` in every expert. Params
   found nowhere (routers, new layers) keep their fresh initialisation. Returns (params, report).
+  Scanned stacks (`scan_layers`, moe_jax.models.scan) on either side are matched layer by layer
+  in the unrolled layout (report paths name `layers_<i>`), and the result has the target's.
   """
+  from moe_jax.models import scan  # pylint: disable=g-import-not-at-top  (models stay optional)
+  periods = scan.scan_periods(target_params)
+  loaded, target_params = scan.unstack_layers(loaded), scan.unstack_layers(target_params)
   flat_loaded = traverse_util.flatten_dict(loaded, sep="/")
   flat_target = traverse_util.flatten_dict(target_params, sep="/")
   out, copied, upcycled, fresh = {}, [], [], []
@@ -325,4 +385,4 @@ def init_params_from(target_params, loaded: dict, upcycle: bool = False):
       out[path] = value
       fresh.append(path)
   report = {"copied": copied, "upcycled": upcycled, "fresh": fresh}
-  return traverse_util.unflatten_dict(out, sep="/"), report
+  return scan.stack_layers(traverse_util.unflatten_dict(out, sep="/"), periods), report

@@ -1,4 +1,5 @@
-"""Metric writers: MODEL_DIR/metrics.jsonl (one JSON object per line), TensorBoard, console."""
+"""Metric means and writers: MODEL_DIR/metrics.jsonl (one JSON object per line), TensorBoard,
+console."""
 
 from __future__ import annotations
 
@@ -12,6 +13,17 @@ import jax
 import numpy as np
 
 T = TypeVar("T")
+
+
+def mean_metrics(history: Sequence[Mapping[str, Any]], weight_key: str = "num_tokens"):
+  """Token-weighted mean of per-batch metrics (num_tokens itself is summed)."""
+  weights = np.array([float(m[weight_key]) for m in history])
+  total = max(weights.sum(), 1.0)
+  out = {}
+  for key in history[0]:
+    values = np.stack([np.asarray(m[key], np.float64) for m in history])
+    out[key] = values.sum(0) if key == weight_key else np.tensordot(weights, values, 1) / total
+  return out
 
 
 def to_python(value: Any):

@@ -37,6 +37,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("unmodeled", None),
     ("relpos_buckets", None),
+    # Scanned stacks' leading axis (moe_jax.models.scan): each device holds every layer.
+    ("layers", None),
 )
 
 

@@ -5,6 +5,7 @@ resume, fine-tuning and inference."""
 import functools
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,3 +140,30 @@ def test_bias_is_checkpointed_resumed_fine_tuned_and_used_for_inference(tfds_dir
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), final)
   assert inference.load_model_state_onto_mesh(tiny.network(), str(straight),
                                               partitioning.make_mesh((1, 1, 1))) == {}
+
+
+def test_scanned_layers_update_each_layers_bias_like_unrolled():
+  """With scan_layers the biases stack to [layers, E]: one train step moves each layer's by
+  its own load deficit, as the unrolled stack does."""
+  from moe_jax.models import scan  # pylint: disable=g-import-not-at-top
+  net = tiny.network(num_layers=2, num_sparse_layers=2, moe=tiny.moe_layer(
+      router=SigmoidRouter(k=2, bias_update_rate=GAMMA)))
+  scanned = net.clone(decoder=net.decoder.clone(scan_layers=True))
+  opt, batch = tiny.optimizer(), tiny.padded_batch()
+
+  def one_step(network, params):
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params),
+                               {ROUTER_BIAS: jax.tree.map(jnp.zeros_like, nn.unbox(network.init(
+                                   jax.random.key(0), **network.example_batch()))[ROUTER_BIAS])})
+    step = jax.jit(functools.partial(trainer.train_step, network=network, optimizer=opt))
+    return _biases(step(state, batch, jax.random.key(1))[0].model_state)
+
+  params = tiny.unbox_init(net, jax.random.key(0))
+  abstract = tiny.unbox_init(scanned, jax.random.key(0))
+  want = one_step(net, params)
+  got = one_step(scanned, scan.match_layout(params, abstract))
+  assert len(want) == 2 and not np.allclose(*want.values())  # each layer's own update
+  for path, bias in want.items():  # decoder/layers_<i>/mlp/router/bias
+    i = int(path.split("/")[1].split("_")[1])
+    stacked = got[path.replace(f"layers_{i}", "layers/layers_0")]
+    np.testing.assert_allclose(stacked[i], bias, atol=1e-7)

@@ -1,6 +1,7 @@
 """Faults a long run meets: a damaged newest checkpoint, a save that fails (disk full)."""
 
 import glob
+import logging
 import os
 import shutil
 
@@ -24,7 +25,9 @@ def _truncate_largest_array_file(step_dir):
 def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(baseline_dir, tmp_path,
                                                                    caplog):
   """Baseline checkpoints 5 and 10, step 10's arrays truncated: the restart warns naming step
-  10, sets it aside (not deleted), resumes from 5 and reproduces the baseline's steps 6..10."""
+  10, sets it aside (not deleted), resumes from 5 with step 5's input iterator state and
+  reproduces the baseline's steps 6..10."""
+  caplog.set_level(logging.INFO, logger="absl")
   checkpoints = tmp_path / ckpt_lib.CHECKPOINT_SUBDIR
   shutil.copytree(os.path.join(baseline_dir, ckpt_lib.CHECKPOINT_SUBDIR), checkpoints)
   _truncate_largest_array_file(checkpoints / str(BASELINE_STEPS))
@@ -33,6 +36,8 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(baseline_dir, 
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert any(f"step {BASELINE_STEPS} in {checkpoints} is unreadable" in w for w in warnings), (
       warnings)
+  assert any("Input position of step 5: restored the input iterator's saved state" in
+             r.getMessage() for r in caplog.records)
   resumed = tiny.read_metrics(tmp_path)
   assert [r["step"] for r in resumed] == list(range(6, BASELINE_STEPS + 1))
   straight = tiny.read_metrics(baseline_dir)[5:]

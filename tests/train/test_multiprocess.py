@@ -50,6 +50,10 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, tf
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
+  # Each process saved its own input iterator state (its shard's position).
+  iterator_dir = os.path.join(model_dir, "checkpoints", str(STEPS), "input_iterator")
+  assert sorted(f for f in os.listdir(iterator_dir) if f.endswith(".index")) == [
+      "process_0.index", "process_1.index"]
   losses = tiny.losses_by_step(model_dir)  # written by process 0 only: one line per step
   assert sorted(losses) == list(range(1, STEPS + 1))
 

@@ -3,11 +3,11 @@ resume, non-finite losses stop the run, metrics.jsonl / TensorBoard, incompatibl
 
 import functools
 import glob
+import logging
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -34,9 +34,11 @@ def test_expert_parallel_run_matches_single_device(baseline_dir, tmp_path):
     np.testing.assert_allclose(sharded[-1][key], single[-1][key], atol=1e-4, err_msg=key)
 
 
-def test_resume_is_exact(baseline_dir, tmp_path):
+def test_resume_is_exact(baseline_dir, tmp_path, caplog):
   """5 steps, then a new train() to 10 in the same MODEL_DIR, with a leftover temporary
-  checkpoint dir of a LATER step that must be ignored: steps 6..10 equal the straight run's."""
+  checkpoint dir of a LATER step that must be ignored: steps 6..10 equal the straight run's,
+  the input position restored from step 5's saved iterator state."""
+  caplog.set_level(logging.INFO, logger="absl")
   tiny.train(tmp_path, 5)
   checkpoints = tmp_path / ckpt_lib.CHECKPOINT_SUBDIR
   assert sorted(os.listdir(checkpoints)) == ["5"]
@@ -50,6 +52,8 @@ def test_resume_is_exact(baseline_dir, tmp_path):
   assert ckpt_lib.resolve_checkpoint_path(str(tmp_path)) == (str(checkpoints), 5)
 
   tiny.train(tmp_path, 10)
+  assert any("Input position of step 5: restored the input iterator's saved state" in
+             r.getMessage() for r in caplog.records)
   straight, resumed = tiny.read_metrics(baseline_dir), tiny.read_metrics(tmp_path)
   assert [r["step"] for r in resumed] == list(range(1, 11))  # no step logged twice
   np.testing.assert_allclose([r["loss"] for r in resumed[5:]],
@@ -104,24 +108,11 @@ def test_metrics_jsonl_and_tensorboard(baseline_dir):
   assert glob.glob(os.path.join(baseline_dir, "tensorboard", "eval", "events.out.tfevents.*"))
 
 
-def _nan_updates_at(step):
-  """An optax transformation that turns the updates of 1-based `step` into NaN."""
-  def init(params):
-    del params
-    return jnp.zeros((), jnp.int32)
-
-  def update(updates, count, params=None):
-    del params
-    updates = jax.tree.map(lambda u: jnp.where(count == step - 1, jnp.nan, u), updates)
-    return updates, count + 1
-  return optax.GradientTransformation(init, update)
-
-
 def test_non_finite_state_stops_without_checkpoint(tfds_dir, tmp_path):
   """NaN params after step 3 (its own loss, computed before the update, is still finite):
   FloatingPointError at step 3, and no checkpoint holds that state (checkpoint every step)."""
   del tfds_dir
-  opt = optax.chain(tiny.optimizer(), _nan_updates_at(3))
+  opt = optax.chain(tiny.optimizer(), tiny.nan_updates_at(3))
   with pytest.raises(FloatingPointError, match="at step 3"):
     tiny.train(tmp_path, 6, opt=opt, checkpoint_period=1)
   checkpoints = tmp_path / ckpt_lib.CHECKPOINT_SUBDIR

@@ -10,7 +10,10 @@ import json
 import os
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from moe_jax.layers import routing
 from moe_jax.layers.dense import MlpBlock
@@ -53,13 +56,27 @@ def optimizer(**kwargs):
 
 
 def train(model_dir, train_steps, *, mesh_shape=(1, 1, 1), net=None, opt=None, **kwargs):
-  """trainer.train on the tiny task, logging every step; returns its result."""
-  kwargs = {"checkpoint_period": 5, "eval_period": 0, "async_checkpoints": False, **kwargs}
+  """trainer.train on the tiny task, logging every step unless told; returns its result."""
+  kwargs = {"checkpoint_period": 5, "eval_period": 0, "async_checkpoints": False,
+            "log_every": 1, **kwargs}
   return trainer.train(
       model_dir=str(model_dir), train_steps=train_steps, batch_size=BATCH,
       mixture_or_task_name=TASK, task_feature_lengths={"targets": LENGTH},
       optimizer=opt or optimizer(), learning_rate_schedule=schedule(), mesh_shape=mesh_shape,
-      log_every=1, network=net or network(), **kwargs)
+      network=net or network(), **kwargs)
+
+
+def nan_updates_at(step):
+  """An optax transformation that turns the updates of 1-based `step` into NaN."""
+  def init(params):
+    del params
+    return jnp.zeros((), jnp.int32)
+
+  def update(updates, count, params=None):
+    del params
+    updates = jax.tree.map(lambda u: jnp.where(count == step - 1, jnp.nan, u), updates)
+    return updates, count + 1
+  return optax.GradientTransformation(init, update)
 
 
 def read_metrics(model_dir, prefix=""):

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Accelerator benchmarks on one GPU (sized for ~8 minutes on one H100 / H200), in order:
+#   1. benchmarks/moe_layer.py: MoeLayer fwd + bwd per dispatch backend vs dense, bfloat16,
+#      d_model 768, d_ff 3072, E in {8, 64, 128}, k in {1, 2}, T=16384 tokens.
+#   2. benchmarks/train_throughput.py: train-step tokens/s and MFU of the Switch-Base-shaped
+#      decoder (12 layers, 6 sparse, E in {8, 64}, 32 x 512 tokens), bfloat16, per backend.
+# JSON goes to "$OUT" if set, else benchmarks/results/, as moe_layer_gpu.json and
+# train_throughput_gpu.json. Downloads nothing: the Python environment must already have a
+# CUDA-enabled jax (e.g. jax[cuda12]). Usage, from anywhere:
+#   bash benchmarks/gpu.sh            # PYTHON=/path/to/python to choose the interpreter
+# Override the sizes with BASE_LAYERS, BASE_EXPERTS, BASE_BATCH, BASE_LENGTH, LAYER_TOKENS;
+# arguments go to train_throughput.py (e.g. --gin "MoeLayer.max_group_size=1024").
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+RESULTS="${OUT:-$REPO/benchmarks/results}"
+mkdir -p "$RESULTS"
+
+# Fail fast, before any compilation, when JAX sees no GPU.
+if ! BACKEND="$("$PYTHON" -c 'import jax; print(jax.default_backend())' 2>/dev/null)"; then
+  echo "gpu.sh: error: '$PYTHON' cannot import jax (set PYTHON=... to a Python with jax)" >&2
+  exit 2
+fi
+if [[ "$BACKEND" != "gpu" && "$BACKEND" != "cuda" && "$BACKEND" != "rocm" ]]; then
+  echo "gpu.sh: error: no GPU visible to JAX (jax.default_backend() is '$BACKEND');" \
+       "nvidia-smi: $(command -v nvidia-smi >/dev/null && echo present || echo absent)." \
+       "Run on a GPU machine whose Python has a CUDA-enabled jax (jax[cuda12])." >&2
+  exit 2
+fi
+"$PYTHON" -c 'import jax; d = jax.devices()[0]; print(f"GPU: {d.device_kind} x {jax.device_count()}, jax {jax.__version__}")'
+
+run() {  # prints the exact command, then runs it and reports its wall time
+  echo "+ $*"
+  local start=$SECONDS
+  "$@"
+  echo "  ($((SECONDS - start)) s)"
+}
+
+run "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --d_model 768 --d_ff 3072 \
+  --experts 8,64,128 --k 1,2 --tokens "${LAYER_TOKENS:-16384}" --repeats 10 \
+  --json "$RESULTS/moe_layer_gpu.json"
+
+run "$PYTHON" benchmarks/train_throughput.py --dtype bfloat16 --models base \
+  --base_layers "${BASE_LAYERS:-12}" --base_experts "${BASE_EXPERTS:-8,64}" \
+  --base_batch "${BASE_BATCH:-32}" --base_length "${BASE_LENGTH:-512}" --repeats 10 \
+  --json "$RESULTS/train_throughput_gpu.json" "$@"
+
+echo "results: $RESULTS/moe_layer_gpu.json $RESULTS/train_throughput_gpu.json"

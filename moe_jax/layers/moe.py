@@ -231,8 +231,8 @@ class MoeLayer(nn.Module):
         self.num_experts, self.dropless_block_size, kernel)
     x_RD, rows, unsort = expert_parallel.dispatch(
         x_GSD.reshape(-1, x_GSD.shape[-1]), dispatch_lib.choice_experts(choices, self.num_experts),
-        k=self.router.k, num_experts=self.num_experts, block_size=block, grouped_matmul=kernel,
-        plan=plan)
+        k=choices.expert_GSK.shape[-1], num_experts=self.num_experts, block_size=block,
+        grouped_matmul=kernel, plan=plan)
     y_RD = self.expert(x_RD, deterministic=deterministic, rows=rows)
     return dispatch_lib.dropless_combine(expert_parallel.combine(y_RD, unsort, plan), choices)
 

@@ -41,7 +41,8 @@ class Plan(NamedTuple):
   expert_shards: int
 
 
-def _mesh_axes(logical: str) -> tuple[str, ...]:
+def mesh_axes(logical: str) -> tuple[str, ...]:
+  """The mesh axes the active logical-axis rules map `logical` to; () without rules."""
   axes = nn.logical_to_mesh_axes((logical,))[0]
   if axes is None:
     return ()
@@ -53,10 +54,10 @@ def plan(num_experts: int) -> Optional[Plan]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return None
-  row_axes = _mesh_axes("batch")
+  row_axes = mesh_axes("batch")
   if not row_axes:
     return None
-  expert_axes = [a for a in _mesh_axes("expert") if mesh.shape[a] > 1]
+  expert_axes = [a for a in mesh_axes("expert") if mesh.shape[a] > 1]
   if len(expert_axes) > 1 or (expert_axes and expert_axes[0] not in row_axes):
     raise ValueError(f"MoeLayer.dispatch='dropless' exchanges tokens over the expert mesh axis, "
                      f"which must be one of the token ('batch') axes {row_axes}: got experts "

@@ -48,11 +48,7 @@ def _batch_shards() -> int:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  axes = nn.logical_to_mesh_axes(("batch",))[0]
-  if axes is None:
-    return 1
-  axes = (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(mesh.shape.get(axis, 1) for axis in axes)
+  return math.prod(mesh.shape.get(axis, 1) for axis in expert_parallel.mesh_axes("batch"))
 
 
 @gin.configurable(module="moe_jax.layers.moe")
@@ -226,9 +222,9 @@ class MoeLayer(nn.Module):
                          deterministic=deterministic, rows=rows)
       return dispatch_lib.dropless_combine(dispatch_lib.choice_outputs(y_RD, rows), choices)
     # A shard receives up to p * M_local rows for its E / p experts: M_local * p / E each.
-    block = dispatch_lib.dropless_block_size(choices.expert_GSK.size // math.prod(
-        jax.sharding.get_abstract_mesh().shape[a] for a in plan.row_axes) * plan.expert_shards,
-        self.num_experts, self.dropless_block_size, kernel)
+    block = dispatch_lib.dropless_block_size(
+        choices.expert_GSK.size // _batch_shards() * plan.expert_shards, self.num_experts,
+        self.dropless_block_size, kernel)
     x_RD, rows, unsort = expert_parallel.dispatch(
         x_GSD.reshape(-1, x_GSD.shape[-1]), dispatch_lib.choice_experts(choices, self.num_experts),
         k=choices.expert_GSK.shape[-1], num_experts=self.num_experts, block_size=block,

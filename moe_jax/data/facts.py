@@ -13,11 +13,13 @@ is built), no files:
   validation = test = the first `num_eval_facts` facts (a fixed random subset of them: recall
   is measured on memorised facts).
 
-What counts is recall of the value given the key. The trainer's loss/accuracy weigh every
-target token (seqio's LMFeatureConverter sets decoder_loss_weights on all non-padding targets),
-keys included, so the value-only numbers come from `fact_recall` (teacher-forced argmax over
-the value positions) and, on decoded strings, the seqio metric `exact_recall`. The two agree:
-a value is decoded greedily exactly iff every value token is the argmax under teacher forcing.
+What counts is recall of the value given the key. The task's feature converter
+(moe_jax.data.pipeline.FactsFeatureConverter) puts the loss weights on the value tokens only,
+so the trainer's loss is the value's cross-entropy and its accuracy the value-token accuracy.
+Exact recall (every value token right) comes from `fact_recall` (teacher-forced argmax over the
+value positions; `recall_eval` runs it at every training evaluation) and, on decoded strings,
+the seqio metric `exact_recall`. The two agree: a value is decoded greedily exactly iff every
+value token is the argmax under teacher forcing.
 """
 
 from __future__ import annotations
@@ -214,3 +216,17 @@ def fact_recall(network, params, facts: Sequence[Fact], *, model_state=None,
     predicted.append(np.asarray(_argmax_tokens(network, variables, inputs_BL,
                                                targets_BL))[:len(rows)])
   return recall_from_predictions(np.concatenate(predicted), targets_NL, config)
+
+
+def recall_eval(network, params, model_state, split: str = "validation") -> dict:
+  """A trainer eval hook (`train.eval_hooks = [@recall_eval]`): `fact_recall` of a split's
+  facts, as {"exact_recall", "value_token_accuracy"}. One process only (the batches are this
+  host's): multi-host runs evaluate recall afterwards from the checkpoint."""
+  if jax.process_count() > 1:
+    raise ValueError("facts.recall_eval runs in one process; drop train.eval_hooks for "
+                     "multi-host runs and evaluate recall from the checkpoint")
+  return fact_recall(network, params, split_facts(split), model_state=model_state)
+
+
+with gin.unlock_config():  # see FactsConfig: this module may be imported after gin locked
+  recall_eval = gin.configurable(recall_eval, module="moe_jax.data.facts")

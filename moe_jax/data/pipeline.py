@@ -16,8 +16,7 @@ from typing import Mapping, Optional
 import seqio
 import tensorflow as tf
 
-from moe_jax.data import tasks
-
+from moe_jax.data import facts, tasks
 
 
 class _TaskFeaturesOnly:
@@ -37,6 +36,29 @@ class EncDecFeatureConverter(_TaskFeaturesOnly, seqio.EncDecFeatureConverter):
 
 class LMFeatureConverter(_TaskFeaturesOnly, seqio.LMFeatureConverter):
   pass
+
+
+class FactsFeatureConverter(LMFeatureConverter):
+  """`synthetic_facts`: the LM features, always unpacked, with loss weights on the value tokens.
+
+  The keys are random letters: a loss on them spends capacity learning which keys exist and
+  dilutes the recall signal. With the weights on the value positions, the trainer's loss is the
+  value's cross-entropy and its accuracy the value-token accuracy. One fact per row keeps the
+  values at fixed positions, whatever `pack` the run asks for (packing would gain nothing: every
+  example has the same length).
+  """
+
+  def __init__(self, pack: bool = False):
+    del pack
+    super().__init__(pack=False)
+
+  def _convert_features(self, ds, task_feature_lengths):
+    values = facts.FactsConfig().value_positions
+    length = task_feature_lengths["targets"]
+    mask_L = tf.constant([values.start <= i < values.stop for i in range(length)], tf.int32)
+    ds = super()._convert_features(ds, task_feature_lengths)
+    return ds.map(lambda ex: {**ex, "decoder_loss_weights": ex["decoder_loss_weights"] * mask_L},
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
 
 class _DropUncachedShuffleWarning(logging.Filter):
@@ -66,6 +88,8 @@ def get_feature_converter(mixture_or_task_name: str, pack: bool = True) -> seqio
   provider = _get_provider(mixture_or_task_name)
   if "inputs" in provider.output_features:
     return EncDecFeatureConverter(pack=pack)
+  if mixture_or_task_name == facts.SYNTHETIC_FACTS:
+    return FactsFeatureConverter(pack=pack)
   return LMFeatureConverter(pack=pack)
 
 

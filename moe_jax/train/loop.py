@@ -170,7 +170,11 @@ class StepMetrics:
     history = jax.device_get([metrics for _, metrics, _ in entries])
     now = time.time()
     last = mean_metrics(history)
-    last["tokens_per_second"] = sum(t for _, _, t in entries) / max(now - self._clock, 1e-9)
+    seconds = max(now - self._clock, 1e-9)
+    last["tokens_per_second"] = sum(t for _, _, t in entries) / seconds
+    # Training time per step since the last record (evaluation excluded; a record right after
+    # a start or resume includes the compilation): curves against wall-clock add these up.
+    last["seconds_per_step"] = seconds / len(entries)
     self._clock, self._log_step, self.last = now, None, last
     record = self._writer.write(step, last)
     if self._chief:  # the console's one stream; all else goes through absl logging

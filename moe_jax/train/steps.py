@@ -39,8 +39,11 @@ class TrainState:
 
 def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, jax.Array], *,
                    network: nn.Module, model_state=None, logit_z_loss: float = 0.0,
-                   num_microbatches: int = 1):
+                   num_microbatches: int = 1, loss_fn: Callable = objectives.compute_loss):
   """(loss terms, grads, router load) of a batch, over `num_microbatches` slices of it in turn.
+
+  `loss_fn`: `objectives.compute_loss` or one with its signature (distillation's,
+  moe_jax.train.distill), called on each microbatch.
 
   Gradient accumulation: each microbatch's gradient is weighted by its share of the batch's
   loss tokens, so the result equals the full-batch gradient for every token-mean term. The MoE
@@ -52,13 +55,13 @@ def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, ja
   microbatches: the whole batch's.
   """
   def terms_and_grads(batch, rngs, weight):
-    def loss_fn(params):
-      loss, terms, load = objectives.compute_loss(
+    def objective(params):
+      loss, terms, load = loss_fn(
           network, params, batch, model_state=model_state, rngs=rngs, enable_dropout=True,
           logit_z_loss=logit_z_loss, return_router_load=True)
       return loss * weight, (terms, load)
     with partitioning.axis_rules():  # activation constraints (under jax.set_mesh): all-to-all
-      (_, (terms, load)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      (_, (terms, load)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return terms, grads, load
 
   if num_microbatches == 1:
@@ -90,14 +93,14 @@ def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, ja
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                network: nn.Module, optimizer: optax.GradientTransformation,
                schedule: Optional[Callable] = None, logit_z_loss: float = 0.0,
-               num_microbatches: int = 1):
+               num_microbatches: int = 1, loss_fn: Callable = objectives.compute_loss):
   """One optimizer step; dropout / routing randomness is `fold_in(rng, step)` (resumable)."""
   step_rng = jax.random.fold_in(rng, state.step)
   dropout_rng, routing_rng = jax.random.split(step_rng)
   rngs = {"dropout": dropout_rng, ROUTING_RNG: routing_rng}
   terms, grads, router_load = loss_and_grads(
       state.params, batch, rngs, network=network, model_state=state.model_state,
-      logit_z_loss=logit_z_loss, num_microbatches=num_microbatches)
+      logit_z_loss=logit_z_loss, num_microbatches=num_microbatches, loss_fn=loss_fn)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # Aux-loss-free balancing: router biases move outside the optimizer, once per step.

@@ -24,7 +24,8 @@ from absl import logging
 from moe_jax.models import build_network
 from moe_jax.models.summary import abstract_variables
 from moe_jax.train import checkpoints as ckpt_lib
-from moe_jax.train import partitioning
+from moe_jax.train import merging, partitioning
+from moe_jax.train.distill import Distillation
 from moe_jax.train.loop import (StepMetrics, check_task, evaluate, input_batches, log_run_setup,
                                 num_tokens, resume_input, to_global, warn_if_t5x_step_count,
                                 with_non_finite_flag, write_gin_config)
@@ -55,20 +56,33 @@ def train(model_dir: str = gin.REQUIRED,
           eval_split: str = "validation",
           initial_checkpoint_path: Optional[str] = None,
           upcycle: bool = False,
+          merge_experts: bool = False,
+          expert_usage_from: Optional[str] = None,
           logit_z_loss: float = 1e-4,
           seed: int = 0,
           num_microbatches: int = 1,
           tensorboard: bool = True,
           async_checkpoints: bool = True,
           pack: bool = True,
-          network: Optional[nn.Module] = None) -> dict:
+          eval_hooks: Sequence[Callable] = (),
+          network: Optional[nn.Module] = None,
+          distillation: Optional[Distillation] = None) -> dict:
   """Trains `build_network()` (or `network`) on a seqio task; returns the last logged metrics.
 
   Resumes from the newest readable checkpoint in MODEL_DIR/checkpoints if there is one
   (params, optimizer state, step, and the input iterator's saved state, or for checkpoints
   without one a replay of the consumed batches: the losses are those of an uninterrupted run).
   Otherwise starts from INITIAL_CHECKPOINT_PATH's params (fine-tuning: TRAIN_STEPS more
-  steps, counted from 0) or from scratch.
+  steps, counted from 0) or from scratch. `upcycle`: dense -> MoE (experts start as copies of
+  the dense FFN); `merge_experts`: MoE -> dense (the usage-weighted average of the experts, with
+  usage from `expert_usage_from`'s metrics.jsonl or the checkpoint's run; moe_jax.train.merging).
+
+  eval_hooks: extra evaluations run with every EVAL_PERIOD's loss evaluation, each
+  `hook(network, params, model_state) -> {name: value}` (e.g. `facts.recall_eval`); their
+  values are logged under eval/ beside the loss.
+
+  distillation: train against a teacher too (moe_jax.train.distill; runs/distill.gin), which
+  is rebuilt from its run's config.gin and loaded on every start, resumes included.
   """
   # --- Validate everything before any compilation. ---------------------------------------
   if not model_dir:
@@ -78,6 +92,7 @@ def train(model_dir: str = gin.REQUIRED,
                       ("NUM_MICROBATCHES", num_microbatches), ("EVAL_STEPS", eval_steps)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  merging.check_options(merge_experts, upcycle, initial_checkpoint_path, expert_usage_from)
   network = build_network() if network is None else network
   mesh = partitioning.make_mesh(mesh_shape)
   if batch_size % num_microbatches:
@@ -88,6 +103,8 @@ def train(model_dir: str = gin.REQUIRED,
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the {jax.process_count()} "
                      f"processes")
   check_task(mixture_or_task_name, network)
+  teacher = distillation.load_teacher(network, mesh, batch_size // num_microbatches) if (
+      distillation is not None) else None
   log_run_setup(model_dir, network, mesh, tensorboard)
   initial_params = None
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep_checkpoints, async_checkpoints)
@@ -98,6 +115,8 @@ def train(model_dir: str = gin.REQUIRED,
       warn_if_t5x_step_count(train_steps, initial_checkpoint_path)
       initial_params = ckpt_lib.load_params(initial_checkpoint_path)
       initial_model_state = ckpt_lib.load_model_state(initial_checkpoint_path)
+      usage = merging.initial_checkpoint_usage(
+          initial_checkpoint_path, expert_usage_from) if merge_experts else None
     # Building the input pipeline now surfaces missing or empty data before any compilation.
     train_batches = functools.partial(
         input_batches, mixture_or_task_name, task_feature_lengths, "train", batch_size,
@@ -117,10 +136,12 @@ def train(model_dir: str = gin.REQUIRED,
         logging.info("Resumed from %s at step %d.", checkpointer.directory, resume_step)
       elif initial_params is not None:
         fresh = jax.device_get(init_state(network, optimizer, shardings, rng))
-        params, report = ckpt_lib.init_params_from(fresh.params, initial_params, upcycle=upcycle)
-        logging.info("Initialised from %s: %d params copied, %d upcycled into experts, %d "
-                     "fresh.", initial_checkpoint_path, len(report["copied"]),
-                     len(report["upcycled"]), len(report["fresh"]))
+        if merge_experts:
+          params, report = merging.merge_experts(fresh.params, initial_params, usage)
+        else:
+          params, report = ckpt_lib.init_params_from(fresh.params, initial_params, upcycle)
+        logging.info("Initialised from %s: %s.", initial_checkpoint_path, ", ".join(
+            f"{len(paths)} params {kind}" for kind, paths in report.items() if kind != "weights"))
         # The model state (e.g. router biases) carries over too, matched by path and shape.
         model_state, _ = ckpt_lib.init_params_from(fresh.model_state, initial_model_state)
         state = state_from_params(params, optimizer, shardings, model_state)
@@ -136,11 +157,16 @@ def train(model_dir: str = gin.REQUIRED,
 
       # --- Compiled steps. ---------------------------------------------------------------
       data_sharding, replicated = partitioning.batch_sharding(mesh), partitioning.replicated(mesh)
+      train_fn = functools.partial(
+          train_step, network=network, optimizer=optimizer, schedule=learning_rate_schedule,
+          logit_z_loss=logit_z_loss, num_microbatches=num_microbatches)
+      teacher_args, teacher_shardings = (), ()
+      if teacher is not None:  # its variables: one more argument of every step, placed once
+        variables, variable_shardings = teacher.on_mesh(mesh)
+        teacher_args, teacher_shardings = (variables,), (variable_shardings,)
       step_fn = jax.jit(
-          with_non_finite_flag(functools.partial(
-              train_step, network=network, optimizer=optimizer, schedule=learning_rate_schedule,
-              logit_z_loss=logit_z_loss, num_microbatches=num_microbatches)),
-          in_shardings=(shardings, data_sharding, replicated, replicated),
+          with_non_finite_flag(train_fn) if teacher is None else teacher.train_step(train_fn),
+          in_shardings=(shardings, data_sharding, replicated, replicated, *teacher_shardings),
           out_shardings=(shardings, replicated, replicated), donate_argnums=(0,))
       eval_fn = jax.jit(functools.partial(eval_step, network=network, logit_z_loss=logit_z_loss),
                         in_shardings=(shardings.params, data_sharding, shardings.model_state),
@@ -164,7 +190,7 @@ def train(model_dir: str = gin.REQUIRED,
           raise ValueError(f"{mixture_or_task_name!r} yielded no training batch: is its train "
                            f"split empty?") from None
         state, metrics, first_bad = step_fn(state, to_global(host_batch, data_sharding), rng,
-                                            first_bad)
+                                            first_bad, *teacher_args)
         done = step + 1
         # The first step logs too, so that a run shorter than LOG_EVERY is not silent.
         metrics_log.add(done, metrics, num_tokens(host_batch), first_bad, log=(
@@ -177,10 +203,12 @@ def train(model_dir: str = gin.REQUIRED,
         if eval_period and (done % eval_period == 0 or done == train_steps):
           metrics_log.sync()
           eval_metrics = run_eval(state)
+          for hook in eval_hooks:
+            eval_metrics.update(hook(network, state.params, state.model_state))
           if eval_metrics:
             writer.write(done, eval_metrics, prefix="eval/")
-            logging.info("eval at step %d: loss %.4f accuracy %.4f", done,
-                         eval_metrics["loss"], eval_metrics["accuracy"])
+            logging.info("eval at step %d: %s", done, "  ".join(
+                f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float)))
           metrics_log.restart_clock()
       metrics_log.sync()
       writer.close()

@@ -113,3 +113,45 @@ def test_fact_recall_of_a_copy_model():
   out = facts.fact_recall(_Oracle(), {}, pairs, config=config, batch_size=3)
   right = sum(v[i] == v[i - 1] for _, v in pairs for i in range(1, 3))
   assert out == {"exact_recall": 0.0, "value_token_accuracy": right / 12}
+
+
+def test_loss_weighs_the_value_tokens_only_and_rows_stay_unpacked():
+  """Loss weights 1 exactly at the value positions (3 key letters + '=' -> positions 4..7 of
+  9), 0 elsewhere, whatever `pack` asks for: each row is still one fact."""
+  gin_utils.parse_gin([], [f"moe_jax.data.facts.FactsConfig.{k} = {v!r}"
+                           for k, v in SMALL.__dict__.items()])
+  for pack in (False, True):
+    (batch,) = [{k: v.numpy() for k, v in b.items()} for b in data.get_dataset(
+        facts.SYNTHETIC_FACTS, {"targets": 11}, "validation", 40, shuffle=False, seed=0,
+        pack=pack, num_epochs=1)]
+    expected = [list((k + "=" + v + "\n").encode()) + [-3, -3]
+                for k, v in facts.split_facts("test", SMALL)]
+    np.testing.assert_array_equal(batch["decoder_target_tokens"], np.array(expected) + 3)
+    np.testing.assert_array_equal(batch["decoder_loss_weights"],
+                                  np.tile([0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0], (40, 1)))
+    assert "decoder_segment_ids" not in batch
+
+
+def test_trainer_eval_hook_logs_exact_recall(tmp_path):
+  """`train.eval_hooks = [recall_eval]` adds eval/exact_recall and eval/value_token_accuracy,
+  equal to `fact_recall` of the saved params; eval/accuracy (value tokens only) equals the
+  hook's value-token accuracy, both being argmax accuracy over the same positions."""
+  from moe_jax.train import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from tests.train import tiny  # pylint: disable=g-import-not-at-top
+  gin_utils.parse_gin([], [f"moe_jax.data.facts.FactsConfig.{k} = {v!r}"
+                           for k, v in SMALL.__dict__.items()])
+  # Capacity never binds (factor 8): a token's logits do not depend on the batch it is in.
+  net = tiny.network(num_layers=1, num_sparse_layers=1, capacity_factor=8.0)
+  trainer_kwargs = dict(model_dir=str(tmp_path), train_steps=2, batch_size=8,
+                        mixture_or_task_name=facts.SYNTHETIC_FACTS,
+                        task_feature_lengths={"targets": 9}, optimizer=tiny.optimizer(),
+                        mesh_shape=(1, 1, 1), network=net, eval_period=2, eval_steps=5,
+                        async_checkpoints=False, tensorboard=False, pack=False,
+                        eval_hooks=[facts.recall_eval])
+  tiny.trainer.train(**trainer_kwargs)
+  (record,) = tiny.read_metrics(str(tmp_path), prefix="eval/")
+  params = ckpt_lib.load_params(str(tmp_path))
+  expected = facts.fact_recall(net, params, facts.split_facts("validation", SMALL))
+  assert record["eval/exact_recall"] == expected["exact_recall"]
+  assert record["eval/value_token_accuracy"] == pytest.approx(expected["value_token_accuracy"])
+  assert record["eval/accuracy"] == pytest.approx(expected["value_token_accuracy"], abs=1e-6)

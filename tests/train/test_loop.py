@@ -67,6 +67,24 @@ def test_step_metrics_are_fetched_one_step_late_and_only_to_log(monkeypatch):
   assert second["tokens_per_second"] > 0 and log.last["loss"] == second["loss"]
 
 
+def test_records_carry_the_training_seconds_per_step(monkeypatch):
+  """seconds_per_step = the time since the previous record (or the start, or the clock's
+  restart after an evaluation) over the steps it covers; tokens/s over the same time."""
+  clock = iter([100.0, 103.0, 200.0, 209.0])
+  monkeypatch.setattr(loop.time, "time", lambda: next(clock))
+  writer, flag = _Writer(), jnp.zeros((), jnp.int32)
+  log = loop.StepMetrics(writer, Progress(3, 0), lambda: None, chief=False)  # 100
+  log.add(1, _metrics(2.0, 10), 10, flag, log=True)
+  log.sync()                                                                   # 103
+  log.restart_clock()                                                          # 200
+  log.add(2, _metrics(4.0, 30), 30, flag, log=False)
+  log.add(3, _metrics(8.0, 10), 10, flag, log=True)
+  log.sync()                                                                   # 209
+  (_, first), (_, second) = writer.records
+  assert first["seconds_per_step"] == 3.0 and first["tokens_per_second"] == 10 / 3.0
+  assert second["seconds_per_step"] == 4.5 and second["tokens_per_second"] == 40 / 9.0
+
+
 def test_non_finite_flag_names_the_first_bad_step():
   """The device flag keeps the FIRST non-finite step (NaN loss at 3, inf grad norm at 4, NaN
   param norm at 6 -> 3). A sync writes the due log only if all its steps precede that step,

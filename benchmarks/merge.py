@@ -1,6 +1,6 @@
 """Expert merging (MoE -> dense): how much of a trained MoE survives averaging its experts.
 
-  python benchmarks/merge.py --moe_dir=runs/quality/lm/switch_tiny/seed0 \\
+  python benchmarks/merge.py --moe_dir=runs/quality/lm/switch_e8/main/seed0 \\
       [--dense_gin=models/dense_tiny.gin] [--finetune_steps=200] [--eval_steps=20]
   python benchmarks/merge.py --quick   # trains its own switch_tiny for 100 steps first
 

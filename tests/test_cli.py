@@ -14,6 +14,7 @@ import argparse
 import pytest
 
 from moe_jax import cli, gin_utils
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--gin_file=models/switch_tiny.gin", "--gin_file=runs/pretrain.gin",
@@ -39,7 +40,7 @@ BASE = ["--gin_file=models/switch_tiny.gin", "--gin_file=runs/pretrain.gin",
 def test_train_script_rejects_bad_input(tmp_path, flags, message):
   env = dict(os.environ, MOE_JAX_TFDS_DIR=str(tmp_path / "empty_tfds"),
              MOE_JAX_TINY_SHAKESPEARE="/nonexistent/tinyshakespeare.txt",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "train.py"), *BASE,
        f"--gin.MODEL_DIR='{tmp_path / 'run'}'", *flags],
@@ -70,9 +71,11 @@ def test_train_eval_infer_console_and_recorded_config(tmp_path, tfds_dir):
   bindings winning); with another model it names the differing params and that config.gin;
   infer with a decoder-only model on this translation task fails before any compilation."""
   env = dict(os.environ, MOE_JAX_TFDS_DIR=tfds_dir, JAX_LOG_COMPILES="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   run = tmp_path / "run"
-  tiny = ["--gin.EMBED_DIM=16", "--gin.MLP_DIM=32", "--gin.NUM_HEADS=2", "--gin.HEAD_DIM=8"]
+  # One layer per stack, each sparse: the 2 MoE layers the console names, half the compiling.
+  tiny = ["--gin.EMBED_DIM=16", "--gin.MLP_DIM=32", "--gin.NUM_HEADS=2", "--gin.HEAD_DIM=8",
+          "--gin.NUM_ENCODER_LAYERS=1", "--gin.NUM_DECODER_LAYERS=1"]
   lengths = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}"
   train = ["--gin_file=models/switch_t5_tiny.gin", "--gin_file=runs/pretrain.gin", *tiny,
            f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=2",

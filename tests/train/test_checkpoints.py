@@ -17,6 +17,7 @@ from flax import traverse_util
 from moe_jax.layers import routing
 from moe_jax.train import checkpoints as ckpt_lib
 from moe_jax.train import partitioning, trainer
+from tests.conftest import xla_flags
 from tests.train import tiny
 from tests.train.conftest import BASELINE_STEPS
 
@@ -68,7 +69,7 @@ def test_restore_onto_other_meshes(tmp_path):
       params = checkpoints.load_params({str(tmp_path)!r})
       np.savez({str(out)!r}, **traverse_util.flatten_dict(params, sep="/"))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]

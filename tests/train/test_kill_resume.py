@@ -15,7 +15,9 @@ from moe_jax.train import trainer
 from tests.train import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS, PERIOD = 100, 10
+# The poll kills the run once its first checkpoint (step 10) is committed, 30+ steps before
+# the end (a save commits at the latest when the next one starts, at step 20).
+STEPS, PERIOD = 50, 10
 GIN_FILES = ["models/switch_tiny.gin", "runs/pretrain.gin"]
 BINDINGS = [f"TRAIN_STEPS={STEPS}", f"CHECKPOINT_PERIOD={PERIOD}", "LOG_EVERY=1",
             "EVAL_PERIOD=0", "BATCH_SIZE=8", "TASK_FEATURE_LENGTHS={'targets': 32}",

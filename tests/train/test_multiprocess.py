@@ -16,11 +16,14 @@ from moe_jax import data, gin_utils
 from moe_jax.models import build_network
 from moe_jax.train import partitioning, trainer
 from moe_jax.train.optimizers import build_optimizer, rsqrt_schedule
+from tests.conftest import xla_flags
 from tests.train import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, BATCH, LENGTH = 3, 8, 32
+# Two layers, both MoE (switch_tiny has four): three compilations of the sharded step, so small.
 BINDINGS = ["EMBED_DIM=16", "MLP_DIM=32", "NUM_HEADS=2", "HEAD_DIM=8", "NUM_EXPERTS=8",
+            "NUM_DECODER_LAYERS=2", "NUM_DECODER_SPARSE_LAYERS=2",
             f"MoeLayer.max_group_size={LENGTH}", f"BATCH_SIZE={BATCH}",
             f"TASK_FEATURE_LENGTHS={{'targets': {LENGTH}}}", f"TRAIN_STEPS={STEPS}",
             "LOG_EVERY=1", f"CHECKPOINT_PERIOD={STEPS}", "EVAL_PERIOD=0",
@@ -38,7 +41,7 @@ def _free_port():
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, tfds_dir):
   model_dir = str(tmp_path / "mp")
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              MOE_JAX_TFDS_DIR=tfds_dir, PYTHONUNBUFFERED="1")
   command = [sys.executable, os.path.join(REPO, "scripts", "train.py"),
              *[f"--gin_file={f}" for f in FILES], *[f"--gin.{b}" for b in BINDINGS],

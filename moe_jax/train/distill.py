@@ -186,7 +186,9 @@ def distillation_loss(network, params, batch: Mapping[str, jax.Array], *, teache
   targets_BL = batch["decoder_target_tokens"]
   weights_BL = batch.get("decoder_loss_weights", targets_BL > 0)
   soft = soft_cross_entropy(captured[0], teacher_logits_BLV, weights_BL, teacher.temperature)
-  total = loss + teacher.teacher_weight * (soft - terms["cross_entropy"])
+  # teacher_weight 0 is the plain objective exactly (soft stays a metric, outside the gradient).
+  total = (loss + teacher.teacher_weight * (soft - terms["cross_entropy"])
+           if teacher.teacher_weight else loss)
   terms = dict(terms, distill_loss=soft)
   return (total, terms, load) if return_router_load else (total, terms)
 

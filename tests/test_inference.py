@@ -12,13 +12,15 @@ from moe_jax.train import trainer
 
 LENGTHS = {"inputs": 32, "targets": 32}
 TINY = ["EMBED_DIM=16", "MLP_DIM=32", "NUM_HEADS=2", "HEAD_DIM=8"]
+# One layer per stack, each sparse (the model's size does not matter here): less to compile.
+T5_LAYERS = ["NUM_ENCODER_LAYERS=1", "NUM_DECODER_LAYERS=1"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   """A switch_t5_tiny checkpoint after 2 steps on multi30k_en_de."""
   path = str(tmp_path_factory.mktemp("mt"))
-  gin_utils.parse_gin(["models/switch_t5_tiny.gin", "runs/pretrain.gin"], TINY + [
+  gin_utils.parse_gin(["models/switch_t5_tiny.gin", "runs/pretrain.gin"], TINY + T5_LAYERS + [
       f"MODEL_DIR='{path}'", "TRAIN_STEPS=2", "BATCH_SIZE=4", "LOG_EVERY=1",
       "MIXTURE_OR_TASK_NAME='multi30k_en_de'", f"TASK_FEATURE_LENGTHS={LENGTHS}",
       "EVAL_PERIOD=0", "MESH_SHAPE=(1, 1, 1)", "train.tensorboard=False"])
@@ -27,7 +29,7 @@ def model_dir(tmp_path_factory):
 
 
 def _parse(run_file, model_dir, *bindings):
-  gin_utils.parse_gin(["models/switch_t5_tiny.gin", run_file], TINY + [
+  gin_utils.parse_gin(["models/switch_t5_tiny.gin", run_file], TINY + T5_LAYERS + [
       f"CHECKPOINT_PATH='{model_dir}'", f"TASK_FEATURE_LENGTHS={LENGTHS}", *bindings])
 
 
@@ -57,11 +59,12 @@ def test_checkpoint_of_another_model_is_refused(model_dir):
 
 
 def test_generate_text_continues_prompts(model_dir):
-  gin_utils.parse_gin(["models/switch_tiny.gin"], TINY)
+  gin_utils.parse_gin(["models/switch_tiny.gin"], TINY + ["NUM_DECODER_LAYERS=2"])
   network = build_network()
   import flax.linen as nn
   import jax
-  params = nn.unbox(network.init(jax.random.key(0), **network.example_batch())["params"])
+  params = nn.unbox(jax.jit(network.init)(jax.random.key(0), **network.example_batch())[
+      "params"])
   texts = inference.generate_text(network, params, get_vocabulary(), ["ab", "hello"],
                                   max_decode_length=12)
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)

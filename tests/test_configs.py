@@ -4,6 +4,7 @@ Parameter shapes and logical axes of the paper-sized configs are frozen in tests
 (regenerate after an intended change with MOE_JAX_UPDATE_SNAPSHOTS=1).
 """
 
+import functools
 import glob
 import json
 import os
@@ -34,6 +35,13 @@ SNAPSHOT_DIR = os.path.join(REPO, "tests", "testdata")
 def _build(name, bindings=()):
   gin_utils.parse_gin([f"models/{name}.gin"], bindings)
   return build_network()
+
+
+@functools.lru_cache(maxsize=None)
+def _param_table(name):
+  """param_table of a config as it is (an abstract init: seconds for the paper-sized ones),
+  shared by the snapshot and the sharding-rule tests."""
+  return param_table(_build(name))
 
 
 def _shrink(name):
@@ -92,7 +100,7 @@ def test_active_parameters_per_token_of_switch_base():
 
 @pytest.mark.parametrize("name", PAPER_SIZED)
 def test_parameter_shapes_and_axes_match_snapshot(name):
-  table = param_table(_build(name))
+  table = _param_table(name)
   path = os.path.join(SNAPSHOT_DIR, f"{name}.json")
   if os.environ.get("MOE_JAX_UPDATE_SNAPSHOTS"):
     with open(path, "w") as f:
@@ -105,7 +113,7 @@ def test_every_parameter_axis_has_a_sharding_rule():
   from moe_jax.train.partitioning import LOGICAL_AXIS_RULES
   known = {name for name, _ in LOGICAL_AXIS_RULES}
   for name in ("switch_base", "expert_choice_base", "st_moe_base"):
-    for path, entry in param_table(_build(name)).items():
+    for path, entry in _param_table(name).items():
       assert entry["axes"] is not None and set(entry["axes"]) <= known, (path, entry)
 
 

@@ -27,7 +27,7 @@ def read_jsonl(path: str) -> List[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _last_per_step(rows: Iterable[dict]) -> Dict[int, dict]:
+def last_per_step(rows: Iterable[dict]) -> Dict[int, dict]:
   """step -> the last row of that step; rows of a step before a later row of an EARLIER step
   (a resume rewound past them) are dropped."""
   kept: Dict[int, dict] = {}
@@ -44,8 +44,8 @@ def run_curves(rows: Sequence[dict], metrics: Sequence[str]) -> Dict[str, List[t
 
   Train rows are those without an "eval/" key; eval rows carry only "eval/..." keys.
   """
-  train = _last_per_step(r for r in rows if not any(k.startswith("eval/") for k in r))
-  evals = _last_per_step(r for r in rows if any(k.startswith("eval/") for k in r))
+  train = last_per_step(r for r in rows if not any(k.startswith("eval/") for k in r))
+  evals = last_per_step(r for r in rows if any(k.startswith("eval/") for k in r))
   wall_at, total, previous = {}, 0.0, 0
   for step in sorted(train):
     seconds = train[step].get("seconds_per_step")

@@ -25,10 +25,15 @@ from moe_jax.layers.score_routing import ROUTER_BIAS, ROUTER_LOAD
 STATE_COLLECTIONS = (ROUTER_BIAS,)
 
 
+def loss_weights(targets_BL, weights_BL=None):
+  """float32 per-token loss weights: `weights_BL` (decoder_loss_weights) or non-padding."""
+  return (targets_BL > 0 if weights_BL is None else weights_BL).astype(jnp.float32)
+
+
 def cross_entropy(logits_BLV, targets_BL, weights_BL=None, logit_z_loss: float = 0.0):
   """Weighted token cross entropy, its output-logit z-loss and accuracy, averaged over weights."""
   logits_BLV = logits_BLV.astype(jnp.float32)
-  weights_BL = (targets_BL > 0 if weights_BL is None else weights_BL).astype(jnp.float32)
+  weights_BL = loss_weights(targets_BL, weights_BL)
   lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
   denom = jnp.maximum(jnp.sum(weights_BL), 1.0)

@@ -183,8 +183,8 @@ def distillation_loss(network, params, batch: Mapping[str, jax.Array], *, teache
                                                 return_router_load=True, **kwargs)
   if len(captured) != 1:
     raise RuntimeError(f"expected one call of {type(network).__name__}, saw {len(captured)}")
-  targets_BL = batch["decoder_target_tokens"]
-  weights_BL = batch.get("decoder_loss_weights", targets_BL > 0)
+  weights_BL = objectives.loss_weights(batch["decoder_target_tokens"],
+                                       batch.get("decoder_loss_weights"))
   soft = soft_cross_entropy(captured[0], teacher_logits_BLV, weights_BL, teacher.temperature)
   # teacher_weight 0 is the plain objective exactly (soft stays a metric, outside the gradient).
   total = (loss + teacher.teacher_weight * (soft - terms["cross_entropy"])

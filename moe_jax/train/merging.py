@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from moe_jax import curves
 from moe_jax.train import checkpoints as ckpt_lib
 
 USAGE_PREFIX = "expert_load/"  # the training records' per-layer load (eval ones: "eval/...")
@@ -52,7 +53,8 @@ def expert_usage(model_dir: str, last_steps: int = 200) -> dict[str, np.ndarray]
   token-weighted mean of the training records' `expert_load/<layer>` (the fraction of routing
   choices, before capacity, that go to each expert) over the final `last_steps` training steps
   (each record is the mean over the steps since the previous one; at least the last record);
-  the last record of a step wins (a resumed run logs some steps twice). Sums to 1 per layer.
+  the last record of a step wins (a resumed run logs some steps twice; `curves.last_per_step`).
+  Sums to 1 per layer.
   """
   if not isinstance(last_steps, int) or last_steps < 1:
     raise ValueError(f"expert_usage.last_steps must be a positive integer, got {last_steps!r}")
@@ -60,12 +62,8 @@ def expert_usage(model_dir: str, last_steps: int = 200) -> dict[str, np.ndarray]
   if not os.path.isfile(path):
     raise FileNotFoundError(f"expert usage: {path!r} not found (is {model_dir!r} the MODEL_DIR "
                             f"of an MoE training run?)")
-  by_step = {}
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line) if line.strip() else {}
-      if any(k.startswith(USAGE_PREFIX) for k in record):
-        by_step[int(record["step"])] = record
+  by_step = curves.last_per_step(r for r in curves.read_jsonl(path)
+                                 if any(k.startswith(USAGE_PREFIX) for k in r))
   if not by_step:
     raise ValueError(f"expert usage: {path} holds no training record with {USAGE_PREFIX}<layer> "
                      f"(a dense model's run?)")

@@ -70,9 +70,10 @@ def loss_and_grads(params, batch: Mapping[str, jax.Array], rngs: Mapping[str, ja
   micro = jax.tree.map(lambda x: jnp.swapaxes(
       x.reshape((x.shape[0] // num_microbatches, num_microbatches) + x.shape[1:]), 0, 1), batch)
   targets = batch["decoder_target_tokens"]
-  weights = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
-  micro_tokens = jnp.sum(micro.get("decoder_loss_weights", micro["decoder_target_tokens"] > 0)
-                         .astype(jnp.float32), axis=tuple(range(1, targets.ndim + 1)))
+  weights = objectives.loss_weights(targets, batch.get("decoder_loss_weights"))
+  micro_tokens = jnp.sum(objectives.loss_weights(micro["decoder_target_tokens"],
+                                                 micro.get("decoder_loss_weights")),
+                         axis=tuple(range(1, targets.ndim + 1)))
   shares = micro_tokens / jnp.maximum(jnp.sum(weights), 1.0)
 
   def body(grads_sum, inputs):

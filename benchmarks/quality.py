@@ -8,6 +8,8 @@ Every run is `scripts/train.py` in a subprocess (gin files + bindings, its own M
 `--runs_dir`, default runs/quality/<study>/...): stop the script at any time (Ctrl-C, a kill, or
 `--stop_after_minutes`) and rerun the same command to continue every run from its last checkpoint
 (the trainer's exact resume); finished runs are skipped. `--stage report` only collects.
+`--workers N` trains N runs at a time, each pinned (taskset) to its own share of the CPUs, so that
+every run's wall-clock is measured under the same conditions; the summary lists the CPUs per run.
 
 Studies (batch, steps and models are below in STUDIES; the models are configs/models/*.gin with
 the bindings listed, expert width = the dense d_ff / experts per token, so that every arm has the
@@ -30,14 +32,16 @@ against training seconds, seed mean and min-max band); the summary table goes to
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -122,8 +126,30 @@ class Runner:
   """Runs (and resumes) scripts/train.py subprocesses, each until done or the deadline."""
 
   def __init__(self, study: Study, runs_dir: str, deadline: Optional[float],
-               dry: bool = False):
+               dry: bool = False, workers: int = 1):
     self.study, self.runs_dir, self.deadline, self.dry = study, runs_dir, deadline, dry
+    self.workers = workers
+    # With several workers each run is pinned to its own share of the CPUs, so that every run
+    # of a study trains (and is timed) under the same conditions.
+    self.slots: "queue.Queue[Optional[List[int]]]" = queue.Queue()
+    cpus = sorted(os.sched_getaffinity(0))
+    if workers > len(cpus):
+      raise ValueError(f"--workers={workers} exceeds the {len(cpus)} CPUs this process may use")
+    for w in range(workers):
+      self.slots.put(cpus[w::workers] if workers > 1 else None)
+
+  def map(self, fn: Callable, items: Sequence) -> list:
+    """fn over items, `workers` at a time; a Deadline in any of them is raised after all end."""
+    with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+      futures = [pool.submit(fn, item) for item in items]
+      concurrent.futures.wait(futures)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    for error in errors:
+      if not isinstance(error, Deadline):
+        raise error
+    if errors:
+      raise Deadline()
+    return [f.result() for f in futures]
 
   def run_dir(self, arm: str, variant: str, seed: int) -> str:
     return os.path.join(self.runs_dir, self.study.name, arm, variant, f"seed{seed}")
@@ -142,31 +168,39 @@ class Runner:
              "--gin.LOG_EVERY=50", f"--gin.CHECKPOINT_PERIOD={study.eval_period}",
              "--gin.train.keep_checkpoints=1", "--gin.train.tensorboard=False"]
     flags += [f"--gin.{b.replace(' ', '')}" for b in study.bindings + arm.bindings + bindings]
+    cpus = self.slots.get()
     print(f"[{time.strftime('%H:%M:%S')}] {study.name} {arm.name} {variant} seed {seed}: "
-          f"{steps} steps -> {model_dir}", flush=True)
+          f"{steps} steps -> {model_dir}" + (f" (CPUs {cpus})" if cpus else ""), flush=True)
+    pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus is not None else []
     start = time.time()
-    with open(os.path.join(model_dir, "train.log"), "a") as log:
-      proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "train.py")] +
-                              flags, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-      try:
-        left = None if self.deadline is None else max(self.deadline - time.time(), 1.0)
-        rc = proc.wait(timeout=left)
-      except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        proc.terminate()  # resumable: the next invocation continues from the last checkpoint
-        proc.wait()
-        _add_seconds(model_dir, time.time() - start)
-        raise Deadline() from None
-    _add_seconds(model_dir, time.time() - start)
+    try:
+      with open(os.path.join(model_dir, "train.log"), "a") as log:
+        proc = subprocess.Popen(
+            pin + [sys.executable, os.path.join(ROOT, "scripts", "train.py")] + flags,
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+          left = None if self.deadline is None else max(self.deadline - time.time(), 1.0)
+          rc = proc.wait(timeout=left)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+          proc.terminate()  # resumable: the next invocation continues from the last checkpoint
+          proc.wait()
+          raise Deadline() from None
+    finally:
+      _add_seconds(model_dir, time.time() - start,
+                   len(cpus) if cpus else len(os.sched_getaffinity(0)))
+      self.slots.put(cpus)
     if rc != 0:
       raise RuntimeError(f"{model_dir}: scripts/train.py exited with {rc}; see its train.log")
     return model_dir
 
 
-def _add_seconds(model_dir: str, seconds: float) -> None:
+def _add_seconds(model_dir: str, seconds: float, num_cpus: int) -> None:
+  """Adds to the run's subprocess seconds and notes how many CPUs it had (per invocation)."""
   path = os.path.join(model_dir, "subprocess_seconds.json")
-  total = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
+  done = json.load(open(path)) if os.path.exists(path) else {"seconds": 0.0}
   with open(path, "w") as f:
-    json.dump({"seconds": total + seconds}, f)
+    json.dump({"seconds": done["seconds"] + seconds,
+               "num_cpus": sorted(set(done.get("num_cpus", [])) | {num_cpus})}, f)
 
 
 def _final(model_dir: str, metric: str) -> Optional[float]:
@@ -206,10 +240,10 @@ def tune(runner: Runner, arm: Arm) -> Tuple[str, Bindings, List[dict]]:
 
 def screen(runner: Runner) -> Tuple[List[Arm], List[dict]]:
   """The candidates' default-settings (lr x1) tuning runs; the best `num_picked` of them."""
-  study, rows = runner.study, []
-  for arm in study.candidates:
-    model_dir = runner.run(arm, "lr1", (f"{LR} = 1.0",), 0, study.tune_steps)
-    rows.append(dict(model=arm.name, final=_final(model_dir, study.metric)))
+  study = runner.study
+  rows = runner.map(lambda arm: dict(model=arm.name, final=_final(
+      runner.run(arm, "lr1", (f"{LR} = 1.0",), 0, study.tune_steps), study.metric)),
+                    study.candidates)
   order = sorted(range(len(rows)), key=lambda i: _rank(study, rows[i]["final"]))
   return [study.candidates[i] for i in order[:study.num_picked]], rows
 
@@ -218,7 +252,7 @@ def collect(runner: Runner, chosen: Dict[str, Tuple[str, Bindings]], seeds: Sequ
             tuning: List[dict], screening: List[dict], results_dir: str) -> dict:
   study = runner.study
   metrics = (study.metric,) + study.extra_metrics
-  records, seconds, sizes = [], 0.0, {}
+  records, seconds, sizes, num_cpus = [], 0.0, {}, {}
   for root, _, files in os.walk(os.path.join(runner.runs_dir, study.name)):
     if "subprocess_seconds.json" in files:
       seconds += json.load(open(os.path.join(root, "subprocess_seconds.json")))["seconds"]
@@ -231,12 +265,16 @@ def collect(runner: Runner, chosen: Dict[str, Tuple[str, Bindings]], seeds: Sequ
         match = _MODEL_LINE.search(open(os.path.join(model_dir, "train.log")).read())
         if match:
           sizes[name] = [int(g.replace(",", "")) for g in match.groups()]
+        timing = os.path.join(model_dir, "subprocess_seconds.json")
+        if os.path.exists(timing):  # runs from before the record of CPUs: none listed
+          num_cpus.setdefault(name, set()).update(json.load(open(timing)).get("num_cpus", []))
   models = list(chosen)
   summary = curves.summarize(records, models, study.metric, study.baseline,
                              study.higher_is_better)
   for row in summary:
     row["params"], row["active_params_per_token"] = sizes.get(row["model"], (None, None))
     row["settings"] = chosen[row["model"]][0]
+    row["cpus_per_run"] = sorted(num_cpus.get(row["model"], ()))
   os.makedirs(results_dir, exist_ok=True)
   out = dict(study=study.name, settings=dataclasses.asdict(study), tuning=tuning,
              screening=screening, chosen={k: list(v[1]) for k, v in chosen.items()},
@@ -260,6 +298,9 @@ def main(argv=None) -> int:
   parser.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results"))
   parser.add_argument("--stop_after_minutes", type=float, default=None,
                       help="stop (resumably) after this long; rerun to continue")
+  parser.add_argument("--workers", type=int, default=1,
+                      help="runs at a time, each pinned to its own share of the CPUs (the "
+                           "wall-clock of every run is then measured on that share)")
   parser.add_argument("--quick", action="store_true",
                       help="plumbing check: the arms only, 1 seed, 30 steps, no tuning; runs "
                            "and results under <runs_dir>/<study>_quick")
@@ -271,7 +312,8 @@ def main(argv=None) -> int:
     args.seeds, args.results_dir = 1, os.path.join(args.runs_dir, study.name)
   deadline = (time.time() + 60 * args.stop_after_minutes
               if args.stop_after_minutes is not None else None)
-  runner = Runner(study, args.runs_dir, deadline, dry=args.stage == "report")
+  runner = Runner(study, args.runs_dir, deadline, dry=args.stage == "report",
+                  workers=args.workers)
   seeds = list(range(args.seeds))
   tuning, screening = [], []
   chosen = {arm.name: ("default", ()) for arm in study.arms}
@@ -279,21 +321,23 @@ def main(argv=None) -> int:
   try:
     if study.tune_steps:
       picked, screening = screen(runner)
-      for arm in list(study.arms) + picked:
-        variant, bindings, rows = tune(runner, arm)
+      tuned = list(study.arms) + picked
+      for arm, (variant, bindings, rows) in zip(tuned, runner.map(
+          lambda arm: tune(runner, arm), tuned)):
         chosen[arm.name], tuning = (variant, bindings), tuning + rows
     if args.stage != "tune":
       arms = {a.name: a for a in study.arms + study.candidates}
-      for seed in seeds:  # seed-major: a stopped study still compares every arm
-        for name, (_, bindings) in chosen.items():
-          runner.run(arms[name], "main", bindings, seed, study.steps)
+      # Seed-major: a stopped study still compares every arm.
+      runner.map(lambda job: runner.run(arms[job[1]], "main", chosen[job[1]][1], job[0],
+                                        study.steps),
+                 [(seed, name) for seed in seeds for name in chosen])
   except Deadline:
     stopped = True
     print("Stopped at the deadline; rerun the same command to continue.", flush=True)
   out = collect(runner, chosen, seeds, tuning, screening, args.results_dir)
   columns = ["model", "settings", "params", "active_params_per_token", "seeds", "last_step",
              "final_mean", "final_std", "steps_to_baseline_final", "step_ratio_to_baseline",
-             "final_wall_s"]
+             "final_wall_s", "cpus_per_run"]
   print(f"\n{study.name}: {study.metric} ({'higher' if study.higher_is_better else 'lower'} is "
         f"better); subprocess time so far {out['subprocess_seconds'] / 3600:.2f} h")
   print(curves.markdown_table(out["summary"], columns))

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import os
 import string
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from moe_jax import curves
 
 TOKEN_CLASSES = ("letters", "capitals", "digits", "punctuation", "spaces", "newlines", "other")
 BYTE_OFFSET = 3  # seqio.ByteVocabulary: ids 0 pad, 1 EOS, 2 UNK, then byte b -> b + 3
@@ -80,18 +81,18 @@ def read_metrics(model_dir: str) -> list[dict]:
   path = os.path.join(model_dir, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path!r} not found: is {model_dir!r} a training MODEL_DIR?")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return curves.read_jsonl(path)
 
 
 def load_history(records: Sequence[Mapping]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{layer: (steps [T], load [T, E])} of the training records (the last record of a step
-  wins: a resumed run logs some steps twice)."""
+  """{layer: (steps [T], load [T, E])} of the training records (a resumed run logs some steps
+  twice: the record after the resume wins)."""
   by_layer = collections.defaultdict(dict)
-  for record in records:
+  loads = [r for r in records if any(key.startswith("expert_load/") for key in r)]
+  for step, record in curves.last_per_step(loads).items():
     for key, value in record.items():
       if key.startswith("expert_load/"):
-        by_layer[key[len("expert_load/"):]][record["step"]] = value
+        by_layer[key[len("expert_load/"):]][step] = value
   return {layer: (np.array(sorted(steps)), np.array([steps[s] for s in sorted(steps)]))
           for layer, steps in by_layer.items()}
 

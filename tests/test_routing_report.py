@@ -44,6 +44,18 @@ def test_token_classes_of_a_hand_written_byte_string():
                                     "other"] + ["other"] * 2)
 
 
+def test_load_history_keeps_the_records_after_a_resume():
+  def load(step, value):
+    return {"step": step, "expert_load/mlp": [value, 1.0 - value]}
+  # Logged to step 200, checkpointed at 50, killed; resumed and killed again after 150: the
+  # first 100..200 are stale. The eval row (no expert_load) is not a training record.
+  records = [load(50, 0.1), load(100, 0.2), {"step": 100, "eval/loss": 1.0}, load(150, 0.3),
+             load(200, 0.4), load(100, 0.6), load(150, 0.7)]
+  steps, loads = routing_report.load_history(records)["mlp"]
+  np.testing.assert_array_equal(steps, [50, 100, 150])
+  np.testing.assert_allclose(loads[:, 0], [0.1, 0.6, 0.7])
+
+
 def test_report_files_and_shares(run_dir, report):
   names = sorted(os.listdir(os.path.dirname(report["report"])))
   assert names == sorted(["report.md"] + [f"{kind}_{layer.replace('/', '_')}.png"

@@ -22,6 +22,8 @@ dense baseline's active FLOPs per token):
   routers are screened at their default settings (their lr x1 tuning run) and the two best are
   tuned and run like the others.
 - facts: `synthetic_facts` (runs/facts.gin: value-token loss, exact recall at every evaluation).
+  No tuning stage; after the main runs, seed-0 probes of why a model falls short (Study.probes:
+  more capacity, another learning rate), reported beside the summary.
 
 Outputs (`--results_dir`, default benchmarks/results): quality_<study>.json (settings, tuning
 runs, every run's curve as records {study, model, seed, step, metric, value, wall_s}, the summary
@@ -74,6 +76,8 @@ class Study:
   higher_is_better: bool
   baseline: str = "dense"
   extra_metrics: Tuple[str, ...] = ()
+  # Diagnostics after the main runs, seed 0 only: (arm, variant, bindings on top of the arm's).
+  probes: Tuple[Tuple[str, str, Bindings], ...] = ()
 
 
 LM_ARMS = (
@@ -104,7 +108,12 @@ STUDIES = {
               Arm("switch_e32", "switch_tiny", ("NUM_EXPERTS = 32",))),
         candidates=(), num_picked=0, steps=4000, eval_period=250, tune_steps=0,
         metric="eval/exact_recall", higher_is_better=True,
-        extra_metrics=("eval/loss", "eval/value_token_accuracy", "loss")),
+        extra_metrics=("eval/loss", "eval/value_token_accuracy", "loss"),
+        # Why 8 experts miss 0.5x the steps: token drops (train capacity 1.25 drops ~3%) or
+        # the optimiser (the learning rate is pretrain.gin's, untuned here)?
+        probes=(("switch_e8", "cf2", ("MoeLayer.train_capacity_factor = 2.0",)),
+                ("switch_e8", "lr2", ("rsqrt_schedule.base_learning_rate = 2.0",)),
+                ("dense", "lr2", ("rsqrt_schedule.base_learning_rate = 2.0",)))),
 }
 LR = "rsqrt_schedule.base_learning_rate"
 TUNE_LRS = (0.5, 1.0, 2.0)
@@ -275,10 +284,19 @@ def collect(runner: Runner, chosen: Dict[str, Tuple[str, Bindings]], seeds: Sequ
     row["params"], row["active_params_per_token"] = sizes.get(row["model"], (None, None))
     row["settings"] = chosen[row["model"]][0]
     row["cpus_per_run"] = sorted(num_cpus.get(row["model"], ()))
+  probe_records = []
+  for name, variant, _ in study.probes:
+    path = os.path.join(runner.run_dir(name, variant, 0), "metrics.jsonl")
+    if os.path.exists(path):
+      probe_records += curves.records(study.name, f"{name}:{variant}", 0, path, metrics)
+  probes = curves.summarize(records + probe_records,
+                            [f"{name}:{variant}" for name, variant, _ in study.probes],
+                            study.metric, study.baseline, study.higher_is_better)
   os.makedirs(results_dir, exist_ok=True)
   out = dict(study=study.name, settings=dataclasses.asdict(study), tuning=tuning,
              screening=screening, chosen={k: list(v[1]) for k, v in chosen.items()},
-             summary=summary, subprocess_seconds=seconds, records=records)
+             summary=summary, probes=probes, subprocess_seconds=seconds,
+             records=records + probe_records)
   with open(os.path.join(results_dir, f"quality_{study.name}.json"), "w") as f:
     json.dump(out, f, indent=1)
   if records:
@@ -308,7 +326,7 @@ def main(argv=None) -> int:
   study = STUDIES[args.study]
   if args.quick:
     study = dataclasses.replace(study, name=f"{study.name}_quick", candidates=(), steps=30,
-                                eval_period=15, tune_steps=0)
+                                eval_period=15, tune_steps=0, probes=())
     args.seeds, args.results_dir = 1, os.path.join(args.runs_dir, study.name)
   deadline = (time.time() + 60 * args.stop_after_minutes
               if args.stop_after_minutes is not None else None)
@@ -331,6 +349,9 @@ def main(argv=None) -> int:
       runner.map(lambda job: runner.run(arms[job[1]], "main", chosen[job[1]][1], job[0],
                                         study.steps),
                  [(seed, name) for seed in seeds for name in chosen])
+      runner.map(lambda probe: runner.run(arms[probe[0]], probe[1],
+                                          chosen[probe[0]][1] + probe[2], 0, study.steps),
+                 study.probes)
   except Deadline:
     stopped = True
     print("Stopped at the deadline; rerun the same command to continue.", flush=True)
@@ -341,6 +362,9 @@ def main(argv=None) -> int:
   print(f"\n{study.name}: {study.metric} ({'higher' if study.higher_is_better else 'lower'} is "
         f"better); subprocess time so far {out['subprocess_seconds'] / 3600:.2f} h")
   print(curves.markdown_table(out["summary"], columns))
+  if out["probes"]:
+    print(f"\nprobes (seed 0; against {study.baseline}'s seed mean)")
+    print(curves.markdown_table(out["probes"], columns[:1] + columns[4:-1]))
   return 1 if stopped else 0
 
 

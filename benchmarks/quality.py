@@ -289,9 +289,10 @@ def collect(runner: Runner, chosen: Dict[str, Tuple[str, Bindings]], seeds: Sequ
     path = os.path.join(runner.run_dir(name, variant, 0), "metrics.jsonl")
     if os.path.exists(path):
       probe_records += curves.records(study.name, f"{name}:{variant}", 0, path, metrics)
-  probes = curves.summarize(records + probe_records,
-                            [f"{name}:{variant}" for name, variant, _ in study.probes],
-                            study.metric, study.baseline, study.higher_is_better)
+  probes = [row for row in curves.summarize(
+      records + probe_records, [study.baseline] + [f"{name}:{variant}" for name, variant, _
+                                                   in study.probes],
+      study.metric, study.baseline, study.higher_is_better) if row["model"] != study.baseline]
   os.makedirs(results_dir, exist_ok=True)
   out = dict(study=study.name, settings=dataclasses.asdict(study), tuning=tuning,
              screening=screening, chosen={k: list(v[1]) for k, v in chosen.items()},

@@ -9,7 +9,7 @@ capacity factor 1.25, MoeLayer's default max_group_size 4096 (so one routing gro
 `deterministic=False` (the training path), float32. Each case times every backend in
 `moe_jax.layers.dispatch.BACKENDS` as the dict stands at run time, plus "dropless" where the
 library has it (`dispatch.DROPLESS`, sorted rows, no capacity: its MoeLayer default kernel,
-ragged_dot on GPU/TPU and the block scan on CPU), and the dense `MlpBlock`
+ragged_dot on TPU and the block scan elsewhere, or `--grouped_matmul`), and the dense `MlpBlock`
 (ReLU, intermediate_dim = d_ff * k: the tokens' active FLOPs, without the router and the
 capacity slack; the MoE experts run on k * 1.25 * T buffer slots, i.e. 1.25x the dense FFN's
 matmul FLOPs, so ratio_to_dense ~1.25 is the best to hope for before routing and dispatch).
@@ -21,7 +21,9 @@ Method, all in ONE process: a step is `jax.vjp` of the layer w.r.t. (params, x) 
 with a fixed random cotangent, i.e. the weight and input gradients a training step needs.
 Compile time is the wall time of `jax.jit(step).lower(...).compile()`. After one warm-up call
 each, repeats are interleaved (dense, backend1, backend2, ..., dense, ...) so drift in machine
-load hits all alike; times are medians of `block_until_ready` wall times. Memory comes from
+load hits all alike; times are medians of `block_until_ready` wall times (`--calls N`: each
+repeat dispatches N steps back to back and counts a step as 1/N of its time, for accelerators,
+where one step of ~1 ms would otherwise carry the launch latency). Memory comes from
 `compiled.memory_analysis()` (temp / argument / output / peak bytes, where the backend reports
 them; XLA:CPU's peak_memory_in_bytes can be below temp_size_in_bytes: read temp there).
 
@@ -142,7 +144,8 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
   for b in backends:
     try:
       layer = MoeLayer(num_experts=num_experts, router=router, expert=expert, dispatch=b,
-                       train_capacity_factor=args.capacity_factor, dtype=dtype)
+                       train_capacity_factor=args.capacity_factor, dtype=dtype,
+                       grouped_matmul=args.grouped_matmul)
       shapes = str(jax.eval_shape(layer.init, jax.random.key(1), x_BLD))
       if shapes not in inits:
         inits[shapes] = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x_BLD)["params"])
@@ -159,8 +162,10 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
   for _ in range(args.repeats):
     for name, fn in compiled.items():
       start = time.perf_counter()
-      jax.block_until_ready(fn(params[name], x_BLD, dy_BLD, rng))
-      times[name].append(time.perf_counter() - start)
+      for _ in range(args.calls):  # queued back to back: launch latency stays off a short step
+        out = fn(params[name], x_BLD, dy_BLD, rng)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - start) / args.calls)
 
   act_bytes = 4 * tokens * d_model * jnp.dtype(x_BLD.dtype).itemsize
   dense_median = float(np.median(times["dense"]))
@@ -171,6 +176,7 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
     records.append(dict(
         base, backend=name, dense_intermediate_dim=args.d_ff * k,
         capacity_factor=args.capacity_factor, dtype=args.dtype, repeats=args.repeats,
+        calls_per_repeat=args.calls, grouped_matmul=args.grouped_matmul,
         median_s=median, min_s=float(np.min(times[name])), dense_median_s=dense_median,
         ratio_to_dense=median / dense_median, floor_bytes=floor_bytes,
         floor_s=floor_bytes / bandwidth, floor_frac=floor_bytes / bandwidth / median,
@@ -194,6 +200,9 @@ def main():
                            "(moe_layer_quick.json with --quick)")
   parser.add_argument("--quick", action="store_true", help="small shapes, E 8,128, 3 repeats")
   parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
+  parser.add_argument("--calls", type=int, default=1,
+                      help="steps per timed repeat, dispatched back to back and averaged "
+                           "(default 1; more on an accelerator, where a step is ~1 ms)")
   parser.add_argument("--backends", default=None,
                       help="comma-separated subset of dispatch.BACKENDS + dropless (default: all)")
   parser.add_argument("--experts", default=None, help="comma-separated E (default 8,32,128)")
@@ -203,6 +212,8 @@ def main():
   parser.add_argument("--d_ff", type=int, default=None, help="default 2048")
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--grouped_matmul", default=None, choices=dispatch_lib.GROUPED_MATMULS,
+                      help="dropless kernel (default: the library's per-platform choice)")
   args = parser.parse_args()
   quick = args.quick
   args.repeats = args.repeats or (3 if quick else 5)
@@ -216,8 +227,8 @@ def main():
   unknown = [b for b in backends if b not in known]
   if unknown:
     parser.error(f"--backends {unknown} not among the library's dispatch backends {known}")
-  if args.repeats < 1:
-    parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  if args.repeats < 1 or args.calls < 1:
+    parser.error(f"--repeats and --calls must be >= 1, got {args.repeats}, {args.calls}")
   if args.tokens % ROW_LENGTH:
     parser.error(f"--tokens must be a multiple of {ROW_LENGTH}, got {args.tokens}")
   if args.json is None:
@@ -227,7 +238,9 @@ def main():
 
   wall = time.perf_counter()
   device = jax.devices()[0]
-  bandwidth = measure_bandwidth(64 if quick else 256, 5 if quick else 10)
+  # 2 GiB on an accelerator, so that a copy at TB/s outlasts the launch by far.
+  bandwidth = measure_bandwidth(64 if quick else 256 if device.platform == "cpu" else 2048,
+                                5 if quick else 10)
   print(f"{device.platform} {device.device_kind}, jax {jax.__version__}; T={args.tokens} "
         f"D={args.d_model} F={args.d_ff} cf={args.capacity_factor} {args.dtype}, "
         f"{args.repeats} repeats; bandwidth {bandwidth / 1e9:.1f} GB/s; backends {backends}")
@@ -238,6 +251,10 @@ def main():
   kx, kdy = jax.random.split(jax.random.key(0))
   inputs = (jax.random.normal(kx, shape, dtype), jax.random.normal(kdy, shape, dtype),
             jax.random.key(2))
+  meta = dict(platform=device.platform, device=str(device.device_kind),
+              host=platform.platform(), jax_version=jax.__version__,
+              bandwidth_bytes_per_s=bandwidth, quick=quick)
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   records = []
   for k in ks:
     # The dense baseline depends on k only: compile it once, time it again in every case.
@@ -249,15 +266,9 @@ def main():
       case, errors = run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs)
       for r in case:
         print_row(r)
-      records += case + errors
-
-  meta = dict(platform=device.platform, device=str(device.device_kind),
-              host=platform.platform(), jax_version=jax.__version__,
-              bandwidth_bytes_per_s=bandwidth, quick=quick)
-  records = [dict(r, **meta) for r in records]
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(records, f, indent=1)
+      records += [dict(r, **meta) for r in case + errors]
+      with open(args.json, "w") as f:  # after every case: a run cut short keeps what it measured
+        json.dump(records, f, indent=1)
   print(f"{len(records)} records written to {args.json} in {time.perf_counter() - wall:.0f} s")
 
 

@@ -211,7 +211,8 @@ def compile_train_step(built, mesh):
 
 def run_case(model, num_experts, gin_file, bindings, backends, args, mesh, peak, probe):
   """Records of one (model, E): every backend compiled, then interleaved timed repeats (the
-  matmul probe timed in each round too: on CPU the peak is its median, under the same load)."""
+  matmul probe timed in each round too: on CPU the peak is its median, under the same load).
+  `peak`: (FLOP/s, its source), or None to take the matmul probe measured here."""
   runs, records = {}, []
   for backend in backends:
     try:
@@ -337,7 +338,8 @@ def main():
   with jax.set_mesh(mesh):
     for model, num_experts, gin_file, bindings in cases(args):
       case = run_case(model, num_experts, gin_file, bindings,
-                      [None] if model == "dense_tiny" else backends, args, mesh, peak, probe)
+                      [None] if model == "dense_tiny" else backends, args, mesh,
+                      (peak, peak_source) if peak else None, probe)
       for r in case:
         if "error" not in r:
           print_row(r)

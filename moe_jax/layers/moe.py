@@ -79,7 +79,8 @@ class MoeLayer(nn.Module):
   `moe_jax.layers.dispatch`): tokens-choose routers only (called with `capacity=None` they
   return their `TokenChoices` unbuffered); capacity factors are not read and
   `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "blocks", None: by
-  backend) and `dropless_block_size` (rows per block of the CPU block scan) choose the kernel.
+  platform: ragged_dot on TPU, the block scan elsewhere) and `dropless_block_size` (rows per
+  block of the block scan) choose the kernel.
   Decoding works as it is (no capacity, so each token's output is its own: causal by
   construction; no cache is kept). Under a mesh it is expert-parallel by explicit all-to-all
   (`moe_jax.layers.expert_parallel`).

@@ -12,7 +12,8 @@ characters), the router entropy and drop rate measured here, and training's last
 How routing is captured: the run's network is rebuilt from its recorded config.gin and the
 latest checkpoint (as scripts/eval.py does) and applied to the split's batches with
 `capture_intermediates` keeping every Router's output (`RouterOutput`) and its float32
-`router_weights` logits. A token's experts are the buffer slots holding it (`token_index_GEC`
+`router_weights` logits (the cosine router's scaled cosine similarities, which it sows as
+`routing_scores`). A token's experts are the buffer slots holding it (`token_index_GEC`
 where `valid_GEC`; the dropless path's valid `choices`), i.e. what the experts really process
 under the eval capacity factor; a token in no slot is dropped. MoeLayer forms groups by
 reshaping the [B, L] tokens row-major (`x_BLD.reshape(G, S, D)`), so [G, S] maps back to
@@ -137,6 +138,7 @@ def capture_routing(network, variables, batch: Mapping[str, np.ndarray]) -> dict
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from moe_jax import objectives  # pylint: disable=g-import-not-at-top
+  from moe_jax.layers import score_routing  # pylint: disable=g-import-not-at-top
   inputs = {k: np.asarray(v) for k, v in objectives.model_inputs(network, batch).items()}
   _, state = _jitted_apply(network)(variables, inputs)
   flat = traverse_util.flatten_dict(jax.device_get(dict(state.get("intermediates", {}))))
@@ -145,7 +147,8 @@ def capture_routing(network, variables, batch: Mapping[str, np.ndarray]) -> dict
     if path[-2:] == ("router", "__call__"):
       layer = "/".join(path[:-2])
       num_tokens = positions(layer, inputs)[0].size
-      logits = flat.get(path[:-1] + ("router_weights", "__call__"))
+      logits = flat.get(path[:-1] + (score_routing.ROUTING_SCORES,),
+                        flat.get(path[:-1] + ("router_weights", "__call__")))
       out[layer] = (_assignment(value[0], num_tokens), None if logits is None else
                     np.asarray(logits[0], np.float64).reshape(num_tokens, -1))
   return out

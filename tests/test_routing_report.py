@@ -20,13 +20,33 @@ BATCH, BATCHES = 8, 2
 LAYERS = ("decoder/layers_0/mlp", "decoder/layers_1/mlp")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def train_tiny(tmp_path_factory, model_gin: str) -> str:
   model_dir = str(tmp_path_factory.mktemp("routing") / "run")
-  gin_utils.parse_gin(["models/switch_tiny.gin", "runs/facts.gin"],
-                      TINY + [f"MODEL_DIR='{model_dir}'"])
+  gin_utils.parse_gin([model_gin, "runs/facts.gin"], TINY + [f"MODEL_DIR='{model_dir}'"])
   trainer.train()
   return model_dir
+
+
+def capture_first_batch(run_dir: str) -> dict:
+  """capture_routing of the run's first validation batch."""
+  mesh = partitioning.make_mesh((1, 1, 1))
+  with jax.set_mesh(mesh):
+    network, variables, task, lengths, pack, _ = routing_report.load_run(run_dir, mesh)
+    batch = next(trainer.input_batches(task, lengths, "validation", BATCH, shuffle=False, seed=0,
+                                       num_epochs=1, pack=pack))
+    return routing_report.capture_routing(network, variables, batch)
+
+
+def assert_top_expert_is_argmax(captured: dict) -> None:
+  assert sorted(captured) == list(LAYERS)
+  for assigned_NE, logits_NE in captured.values():
+    assert (assigned_NE.sum(axis=1) == 1).all()
+    np.testing.assert_array_equal(assigned_NE.argmax(axis=1), logits_NE.argmax(axis=1))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return train_tiny(tmp_path_factory, "models/switch_tiny.gin")
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +106,18 @@ def test_every_token_goes_to_its_top_expert_at_its_position(run_dir, report):
   """Switch, no drops: each real token's one expert is the argmax of ITS router logits, so the
   [G, E, C] slots map back to [B, L] positions right; the load heatmap has one column a step."""
   del report
-  mesh = partitioning.make_mesh((1, 1, 1))
-  with jax.set_mesh(mesh):
-    network, variables, task, lengths, pack, _ = routing_report.load_run(run_dir, mesh)
-    batch = next(trainer.input_batches(task, lengths, "validation", BATCH, shuffle=False, seed=0,
-                                       num_epochs=1, pack=pack))
-    captured = routing_report.capture_routing(network, variables, batch)
-  assert sorted(captured) == list(LAYERS)
-  for assigned_NE, logits_NE in captured.values():
-    assert (assigned_NE.sum(axis=1) == 1).all()
-    np.testing.assert_array_equal(assigned_NE.argmax(axis=1), logits_NE.argmax(axis=1))
+  assert_top_expert_is_argmax(capture_first_batch(run_dir))
   history = routing_report.load_history(routing_report.read_metrics(run_dir))
   steps, load_TE = history[LAYERS[1]]
   assert steps.tolist() == [1, 2, 3] and load_TE.shape == (3, 4)
   np.testing.assert_allclose(load_TE.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_cosine_router_scores_are_its_logits(tmp_path_factory):
+  """The cosine router has no `router_weights`: the report reads the scores it sows, the scaled
+  cosine similarities it routes by (each token's expert is their argmax), and gives an entropy."""
+  cosine_dir = train_tiny(tmp_path_factory, "models/cosine_tiny.gin")
+  assert_top_expert_is_argmax(capture_first_batch(cosine_dir))
+  report = routing_report.routing_report(cosine_dir, max_batches=1, batch_size=BATCH)
+  for layer in LAYERS:
+    assert 0.0 <= report["layers"][layer]["entropy"] <= np.log(4) + 1e-9

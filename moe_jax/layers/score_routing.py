@@ -75,6 +75,10 @@ def l2_normalize(v, axis=-1):
                                        NORM_EPSILON**2))
 
 
+# Name under which a router whose softmax logits are not its `router_weights` output sows them.
+ROUTING_SCORES = "routing_scores"
+
+
 @gin.configurable(module="moe_jax.layers.score_routing")
 class CosineRouter(routing._TokensChoose):
   """X-MoE cosine routing (Chi et al. 2022, arXiv:2204.09179), softmax top-k (see above).
@@ -119,8 +123,11 @@ class CosineRouter(routing._TokensChoose):
                       nn.with_logical_partitioning(self.embedding_init, (None, "unmodeled")),
                       (num_experts, self.projection_dim), jnp.float32)
     cosine_GSE = jnp.einsum("GSP,EP->GSE", l2_normalize(h_GSP), l2_normalize(w_EP))
-    return self.route(cosine_GSE / self.temperature(), mask_GS, capacity, deterministic,
-                      expert_fill_GE)
+    scores_GSE = cosine_GSE / self.temperature()
+    # The routing report's logits (there is no `router_weights` projection to read them from);
+    # kept only where "intermediates" is mutable.
+    self.sow("intermediates", ROUTING_SCORES, scores_GSE)
+    return self.route(scores_GSE, mask_GS, capacity, deterministic, expert_fill_GE)
 
 
 @struct.dataclass

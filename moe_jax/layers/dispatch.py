@@ -16,8 +16,8 @@ matmul over the rows (`grouped_matmul`), and each token's rows are gathered back
 its gates (`dropless_combine`). No token is dropped whatever the load. Grouped matmul:
 
   "ragged_dot" (TPU default): `jax.lax.ragged_dot` over the rows, each expert's a group.
-  "blocks" (CPU and GPU default): each expert's group is padded to a multiple of `block_size` rows
-    (at most M + E*(block_size - 1) rows in all, M = G*S*K, a static bound), and a `lax.scan`
+  "blocks" (CPU and GPU default): each expert's group is padded to a multiple of `block_size`
+    rows (at most M + E*(block_size - 1) rows in all, M = G*S*K, a static bound), and a `lax.scan`
     over the blocks multiplies each by its expert's [I, O] kernel (a dynamic slice, never a
     gathered [blocks, I, O] copy); blocks past the last expert's are skipped (`lax.cond`). Its
     VJP is a scan of the same form (dW accumulates in place per block). XLA:CPU lowers
@@ -25,9 +25,9 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
     [E, max_rows, D] buffer needs max_rows = M to be dropless: both lose to gather at capacity
     factor 1.25; the block scan does the real rows plus < E blocks of padding. On an H200
     (jax 0.11.2, bf16, T=16384, d_model 768, d_ff 3072, forward + backward) `ragged_dot`'s
-    temporaries grew with E as a dense dot's would (2.4 / 19 / 39 GB at E = 8 / 64 / 128)
+    temporaries grew with E as a dense dot's would (2.4 / 19 / 38 GiB at E = 8 / 64 / 128)
     and it ran 10x / 71x / 143x the dense FFN; the block scan ran 32x / 43x (E = 8 / 64) in
-    under 1 GB (benchmarks/RESULTS.md), so GPUs get the block scan too: both are far behind
+    under 1 GiB (benchmarks/RESULTS.md), so GPUs get the block scan too: both are far behind
     `gather` there, which is the backend to use on GPU.
 
 Under a mesh, `moe_jax.layers.expert_parallel` runs the same steps per shard with explicit

@@ -78,6 +78,7 @@ class Study:
   baseline: str = "dense"
   # The table's, plot's and steps-to-baseline's metric (None: `metric`).
   report_metric: Optional[str] = None
+  plot_from_step: Optional[int] = None  # the plot's y axis spans the curves from this step on
   extra_metrics: Tuple[str, ...] = ()
   # Diagnostics after the main runs, seed 0 only: (arm, variant, bindings on top of the arm's).
   probes: Tuple[Tuple[str, str, Bindings], ...] = ()
@@ -106,7 +107,8 @@ STUDIES = {
         # in it (0.01-0.02 at aux weight 0.01, ~0.1-0.2 at 0.1), as these runs were done; the
         # quality reported is the cross entropy alone (README: what it would have picked).
         tune_steps=600, metric="eval/loss", higher_is_better=False,
-        report_metric="eval/cross_entropy", extra_metrics=("eval/loss", "eval/accuracy", "loss")),
+        report_metric="eval/cross_entropy", extra_metrics=("eval/loss", "eval/accuracy", "loss"),
+        plot_from_step=600),
     "facts": Study(
         name="facts", run_gin="runs/facts.gin",
         bindings=("BATCH_SIZE = 128", "NUM_FACTS = 10000"),
@@ -321,7 +323,8 @@ def collect(runner: Runner, chosen: Dict[str, Tuple[str, Bindings]], seeds: Sequ
   if records:
     curves.plot(records, models, shown,
                 os.path.join(results_dir, f"quality_{study.name}.png"),
-                f"{study.name}: {shown} (seed mean, min-max band)")
+                f"{study.name}: {shown} (seed mean, min-max band)",
+                zoom_from_step=study.plot_from_step)
   return out
 
 

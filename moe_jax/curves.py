@@ -130,10 +130,30 @@ def summarize(recs: Sequence[Record], models: Sequence[str], metric: str, baseli
   return rows
 
 
+def y_limits(recs: Sequence[Record], models: Sequence[str], metric: str,
+             from_step: int) -> Optional[tuple]:
+  """(low, high) spanning every model's seed band at steps >= from_step, 5% margin each side;
+  None when no model logged such a step."""
+  lows, highs = [], []
+  for model in models:
+    s = seed_stats(recs, model, metric)
+    if s and (s["step"] >= from_step).any():
+      keep = s["step"] >= from_step
+      lows.append(s["min"][keep].min())
+      highs.append(s["max"][keep].max())
+  if not lows:
+    return None
+  low, high = float(min(lows)), float(max(highs))
+  margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+  return low - margin, high + margin
+
+
 def plot(recs: Sequence[Record], models: Sequence[str], metric: str, path: str,
-         title: str, ylabel: Optional[str] = None) -> str:
+         title: str, ylabel: Optional[str] = None, zoom_from_step: Optional[int] = None) -> str:
   """PNG: `metric` against steps (left) and training seconds (right), the seed mean as a line
-  and the min-max over seeds as a band. Returns the path."""
+  and the min-max over seeds as a band. `zoom_from_step`: the y axis spans only what the
+  models log from that step on (`y_limits`), so small late differences stay visible; earlier
+  points leave the frame. Returns the path."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -152,6 +172,10 @@ def plot(recs: Sequence[Record], models: Sequence[str], metric: str, path: str,
   for ax in (by_step, by_wall):
     ax.grid(alpha=0.3)
   by_step.legend(fontsize=8)
+  limits = None if zoom_from_step is None else y_limits(recs, models, metric, zoom_from_step)
+  if limits:
+    by_step.set_ylim(*limits)  # shared with by_wall
+    title += f"; y axis from step {zoom_from_step} on"
   fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -70,9 +70,11 @@ def test_seed_statistics_and_steps_to_reach_the_baseline():
 
 def test_plot_and_table(tmp_path):
   recs = _records("dense", 0, [3.0, 2.5]) + _records("moe", 0, [2.9, 2.2])
-  path = curves.plot(recs, ["dense", "moe"], "m", str(tmp_path / "q.png"), "title")
-  with open(path, "rb") as f:
-    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  for zoom in (None, 200):
+    path = curves.plot(recs, ["dense", "moe"], "m", str(tmp_path / f"q{zoom}.png"), "title",
+                       zoom_from_step=zoom)
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   table = curves.markdown_table([{"model": "moe", "final": 2.2, "x": None}],
                                 ["model", "final", "x"])
   assert table.splitlines() == ["| model | final | x |", "|---|---|---|", "| moe | 2.2 | - |"]
@@ -84,3 +86,14 @@ def test_records_of_a_metrics_file(tmp_path):
   recs = curves.records("lm", "dense", 2, str(path), ["eval/loss"])
   assert recs == [dict(study="lm", model="dense", seed=2, step=100, metric="eval/loss",
                        value=3.5, wall_s=pytest.approx(10.0 + 0.2 * 99))]
+
+
+def test_y_limits_span_the_bands_from_a_step_on():
+  recs = (_records("dense", 0, [3.0, 1.70, 1.60]) + _records("dense", 1, [3.2, 1.72, 1.62])
+          + _records("moe", 0, [2.9, 1.65, 1.55]))
+  # From step 200: dense's band 1.60-1.72 and moe's 1.55-1.65 -> 1.55-1.72, margin 0.0085.
+  low, high = curves.y_limits(recs, ["dense", "moe"], "m", 200)
+  assert low == pytest.approx(1.55 - 0.0085) and high == pytest.approx(1.72 + 0.0085)
+  assert curves.y_limits(recs, ["dense", "moe"], "m", 400) is None
+  flat = _records("dense", 0, [2.0, 2.0])  # no spread: a margin of 5% of the value
+  assert curves.y_limits(flat, ["dense"], "m", 100) == pytest.approx((1.9, 2.1))

@@ -83,6 +83,10 @@ class Study:
   # Diagnostics after the main runs, seed 0 only: (arm, variant, bindings on top of the arm's).
   probes: Tuple[Tuple[str, str, Bindings], ...] = ()
 
+  @property
+  def shown_metric(self) -> str:
+    return self.report_metric or self.metric
+
 
 LM_ARMS = (
     Arm("dense", "dense_tiny", moe=False),
@@ -279,7 +283,7 @@ def screen(runner: Runner) -> Tuple[List[Arm], List[dict]]:
 def collect(runner: Runner, chosen: Dict[str, Tuple[str, Bindings]], seeds: Sequence[int],
             tuning: List[dict], screening: List[dict], results_dir: str) -> dict:
   study = runner.study
-  shown = study.report_metric or study.metric
+  shown = study.shown_metric
   metrics = tuple(dict.fromkeys((shown, study.metric) + study.extra_metrics))
   records, seconds, sizes, num_cpus = [], 0.0, {}, {}
   for root, _, files in os.walk(os.path.join(runner.runs_dir, study.name)):
@@ -381,7 +385,7 @@ def main(argv=None) -> int:
   columns = ["model", "settings", "params", "active_params_per_token", "seeds", "last_step",
              "final_mean", "final_std", "steps_to_baseline_final", "step_ratio_to_baseline",
              "final_wall_s", "cpus_per_run"]
-  print(f"\n{study.name}: {study.report_metric or study.metric} "
+  print(f"\n{study.name}: {study.shown_metric} "
         f"({'higher' if study.higher_is_better else 'lower'} is better; settings picked by "
         f"{study.metric}); subprocess time so far {out['subprocess_seconds'] / 3600:.2f} h")
   print(curves.markdown_table(out["summary"], columns))

@@ -137,8 +137,8 @@ def y_limits(recs: Sequence[Record], models: Sequence[str], metric: str,
   lows, highs = [], []
   for model in models:
     s = seed_stats(recs, model, metric)
-    if s and (s["step"] >= from_step).any():
-      keep = s["step"] >= from_step
+    keep = s["step"] >= from_step if s else None
+    if s and keep.any():
       lows.append(s["min"][keep].min())
       highs.append(s["max"][keep].max())
   if not lows:

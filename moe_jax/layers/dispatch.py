@@ -68,7 +68,11 @@ def gather_dispatch(x_GSD, routing: RouterOutput):
 
 
 def gather_combine(y_EGCD, routing: RouterOutput, group_size: int):
-  weighted_GECD = y_EGCD.transpose(1, 0, 2, 3) * routing.combine_GEC[..., None].astype(y_EGCD.dtype)
+  # An einsum, not `y * combine[..., None]`: the gate gradient is then a dot over D, where
+  # XLA:CPU (jaxlib 0.10.2) reduces sum(a * b, -1) over a [1, E, C, D] array ~30x slower
+  # (38 ms against 1.4 ms at E=8, C=640, D=512: the shape of one routing group).
+  weighted_GECD = jnp.einsum("EGCD,GEC->GECD", y_EGCD,
+                             routing.combine_GEC.astype(y_EGCD.dtype))
 
   # Empty slots point past the group and are dropped, so they never collide on token 0.
   index_GEC = jnp.where(routing.valid_GEC, routing.token_index_GEC, group_size)

@@ -31,7 +31,11 @@ class ExpertDense(nn.Module):
     if rows is not None:  # sharded rows need the kernel's mesh axes (expert, I, O)
       mesh_axes = tuple(nn.logical_to_mesh_axes(self.axes)) if rows.row_axes else (None,) * 3
       return rows.matmul(x.astype(self.dtype), kernel.astype(self.dtype), mesh_axes)
-    return jnp.einsum("E...I,EIO->E...O", x.astype(self.dtype), kernel.astype(self.dtype))
+    # One batch dim: XLA:CPU multiplies [E, G*C, I] faster than [E, G, C, I] (~15% of the
+    # experts' forward + backward at E=8, T=4096, d_model 512, d_ff 2048).
+    y_ENO = jnp.einsum("ENI,EIO->ENO", x.reshape(num_experts, -1, x.shape[-1]).astype(self.dtype),
+                       kernel.astype(self.dtype))
+    return y_ENO.reshape(x.shape[:-1] + (self.features,))
 
 
 @gin.configurable(module="moe_jax.layers.experts")

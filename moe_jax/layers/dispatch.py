@@ -16,19 +16,28 @@ matmul over the rows (`grouped_matmul`), and each token's rows are gathered back
 its gates (`dropless_combine`). No token is dropped whatever the load. Grouped matmul:
 
   "ragged_dot" (TPU default): `jax.lax.ragged_dot` over the rows, each expert's a group.
-  "blocks" (CPU and GPU default): each expert's group is padded to a multiple of `block_size`
+  "windows" (CPU default): rows unpadded; a `lax.scan` over the experts multiplies each
+    expert's rows by its [I, O] kernel in windows of static power-of-two sizes (the largest
+    first, each taken at most once by `lax.cond`: a binary decomposition of the expert's row
+    count down to `block_size`, rounded up to a power of two), then one window of that size,
+    masked, for the rest. So most rows go through a few large matmuls and fewer than
+    `block_size` rows per expert are wasted; the VJP is a scan of the same form, each
+    expert's dW summed over its windows.
+  "blocks" (GPU default): each expert's group is padded to a multiple of `block_size`
     rows (at most M + E*(block_size - 1) rows in all, M = G*S*K, a static bound), and a `lax.scan`
     over the blocks multiplies each by its expert's [I, O] kernel (a dynamic slice, never a
     gathered [blocks, I, O] copy); blocks past the last expert's are skipped (`lax.cond`). Its
-    VJP is a scan of the same form (dW accumulates in place per block). XLA:CPU lowers
-    `ragged_dot` to a dense dot over every expert (E times the work), and a padded
-    [E, max_rows, D] buffer needs max_rows = M to be dropless: both lose to gather at capacity
-    factor 1.25; the block scan does the real rows plus < E blocks of padding. On an H200
-    (jax 0.11.2, bf16, T=16384, d_model 768, d_ff 3072, forward + backward) `ragged_dot`'s
-    temporaries grew with E as a dense dot's would (2.4 / 19 / 38 GiB at E = 8 / 64 / 128)
-    and it ran 10x / 71x / 143x the dense FFN; the block scan ran 32x / 43x (E = 8 / 64) in
-    under 1 GiB (benchmarks/RESULTS.md), so GPUs get the block scan too: both are far behind
-    `gather` there, which is the backend to use on GPU.
+    VJP is a scan of the same form (dW accumulates in place per block).
+
+XLA:CPU lowers `ragged_dot` to a dense dot over every expert (E times the work), and a padded
+[E, max_rows, D] buffer needs max_rows = M to be dropless. On a 2-core CPU (float32, T=4096,
+d_model 512, d_ff 2048, top-1, forward + backward, against the dense FFN; benchmarks/RESULTS.md)
+windows ran 1.76x / 2.43x / 4.62x at E = 8 / 32 / 128 and blocks 2.05x / 3.21x / 5.49x: blocks
+pads (on average half a block per expert) and reads and writes its expert's whole dW slice for
+every block. On an H200 (jax 0.11.2, bf16, T=16384, d_model 768, d_ff 3072) `ragged_dot`'s
+temporaries grew with E as a dense dot's would (2.4 / 19 / 38 GiB at E = 8 / 64 / 128) and it
+ran 10x / 71x / 143x the dense FFN; blocks ran 32x / 43x (E = 8 / 64) in under 1 GiB (windows
+was not measured there): all are far behind `gather` on GPU, the backend to use there.
 
 Under a mesh, `moe_jax.layers.expert_parallel` runs the same steps per shard with explicit
 `shard_map` + `all_to_all` communication (expert parallelism).
@@ -36,6 +45,7 @@ Under a mesh, `moe_jax.layers.expert_parallel` runs the same steps per shard wit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -91,19 +101,20 @@ BACKENDS = {
 }
 
 DROPLESS = "dropless"
-GROUPED_MATMULS = ("ragged_dot", "blocks")
+GROUPED_MATMULS = ("ragged_dot", "windows", "blocks")
 
 
 def default_grouped_matmul() -> str:
-  """ragged_dot on TPU (a grouped kernel there); the block scan on CPU and GPU, where
-  ragged_dot was measured to cost a dense dot over every expert (module docstring)."""
-  return "ragged_dot" if jax.default_backend() == "tpu" else "blocks"
+  """ragged_dot on TPU (a grouped kernel there), windows on CPU, blocks on GPU: the fastest
+  of each platform's measured kernels (module docstring)."""
+  return {"tpu": "ragged_dot", "cpu": "windows"}.get(jax.default_backend(), "blocks")
 
 
 def dropless_block_size(num_choices: int, num_experts: int, max_block_size: int,
                         grouped_matmul: str) -> int:
-  """Rows per block: 1 for ragged_dot (no padding); else <= max_block_size, and no more than
-  the power of two >= M / E, so that tiny layers do not pad every expert to a large block."""
+  """Rows per block (blocks) or of the smallest window (windows): <= max_block_size, and no
+  more than the power of two >= M / E, so that tiny layers do not pad every expert to a large
+  block; 1 for ragged_dot (no padding)."""
   if grouped_matmul == "ragged_dot":
     return 1
   return min(max_block_size, 1 << max(0, math.ceil(math.log2(max(1, num_choices / num_experts)))))
@@ -111,12 +122,14 @@ def dropless_block_size(num_choices: int, num_experts: int, max_block_size: int,
 
 @struct.dataclass
 class SortedRows:
-  """Items (token choices) sorted by expert into R rows, each expert's padded to b rows.
+  """Items (token choices) sorted by expert into R rows, each expert's padded to b rows for
+  the blocks kernel (b = `block_size`; unpadded for the others, windows' smallest window b).
 
   token_R: [R] int32, the item's source row (a token of the G*S; with `per_item` > 1 choices
     of one token share it) for each row; the number of sources for padding rows.
   row_M: [M] int32, the row of each item (token-major choices); R for invalid items.
-  expert_N: [N = R / b] int32, the expert of each block of b rows; E for blocks past the last.
+  expert_N: [N] int32, the expert of each block of b rows (blocks; of each row otherwise); E
+    for blocks past the last.
   group_sizes_E: [E] int32, rows per expert (padding included; they sum to <= R).
   num_experts, block_size, grouped_matmul: static. row_axes: static, the mesh axes the rows
     are split over (expert parallelism, `moe_jax.layers.expert_parallel`): each shard's rows,
@@ -157,6 +170,8 @@ class SortedRows:
   def _local_matmul(self, x_RI, w_EIO, expert_N, sizes_E):
     if self.grouped_matmul == "ragged_dot":
       return jax.lax.ragged_dot(x_RI, w_EIO, sizes_E)
+    if self.grouped_matmul == "windows":
+      return _window_matmul(x_RI, w_EIO, sizes_E, self.block_size)
     return _block_matmul(x_RI, w_EIO, expert_N)
 
 
@@ -170,11 +185,12 @@ def sort_rows(expert_M, num_experts: int, block_size: int, grouped_matmul: str,
   if grouped_matmul not in GROUPED_MATMULS:
     raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}")
   num_items = expert_M.shape[0]
+  pad = block_size if grouped_matmul == "blocks" else 1  # windows: b is the smallest window
   # Every expert's group ends with < b padding rows: M + E*(b-1) rows is the static bound.
-  num_blocks = -(-(num_items + num_experts * (block_size - 1)) // block_size)
-  num_rows = num_blocks * block_size
+  num_blocks = -(-(num_items + num_experts * (pad - 1)) // pad)
+  num_rows = num_blocks * pad
   counts_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
-  sizes_E = -(-counts_E // block_size) * block_size
+  sizes_E = -(-counts_E // pad) * pad
   ends_E = jnp.cumsum(sizes_E)
   order_M = jnp.argsort(expert_M, stable=True)
   sorted_expert_M = expert_M[order_M]
@@ -186,7 +202,7 @@ def sort_rows(expert_M, num_experts: int, block_size: int, grouped_matmul: str,
       jnp.where(in_range_M, row, num_rows).astype(jnp.int32))
   token_R = jnp.full((num_rows,), num_items // per_item, jnp.int32).at[row_M].set(
       jnp.arange(num_items, dtype=jnp.int32) // per_item, mode="drop")
-  expert_N = jnp.searchsorted(ends_E, jnp.arange(num_blocks) * block_size, side="right")
+  expert_N = jnp.searchsorted(ends_E, jnp.arange(num_blocks) * pad, side="right")
   return SortedRows(token_R, row_M, expert_N.astype(jnp.int32), sizes_E, num_experts,
                     block_size, grouped_matmul)
 
@@ -269,3 +285,101 @@ def _block_matmul_bwd(residuals, dy_RO):
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
+def _window_sizes(num_rows: int, min_window: int) -> list[int]:
+  """The windows kernel's static window sizes, ascending: powers of two from the smallest
+  >= min_window up to the largest <= num_rows (just [num_rows] if min_window >= num_rows)."""
+  size = 1 << max(0, math.ceil(math.log2(max(1, min_window))))
+  if size >= num_rows:
+    return [num_rows]
+  sizes = []
+  while size <= num_rows:
+    sizes.append(size)
+    size *= 2
+  return sizes
+
+
+def _cover_expert(start, count, sizes, piece, carry):
+  """Calls `carry = piece(carry, lo, size, keep)` for windows covering one expert's rows
+  [start, start + count): the static `sizes` largest first, each taken (`lax.cond`) while it
+  fits in what is left (a binary decomposition: each at most once, as count < 2 * sizes[-1]),
+  then the smallest size once more for the rest (< sizes[0] rows), ending at the expert's last
+  row: it reaches back over rows done already or before `start`, and `keep` [size, 1] marks
+  the rows it owns (None for the exact windows). At most sizes[0] rows of work are wasted."""
+  offset, left = start, count
+  for size in reversed(sizes):
+    take = left >= size
+    carry = jax.lax.cond(take, lambda c, lo=offset, n=size: piece(c, lo, n, None),
+                         lambda c: c, carry)
+    offset, left = offset + jnp.where(take, size, 0), left - jnp.where(take, size, 0)
+  end, size = offset + left, sizes[0]
+  lo = jnp.maximum(end - size, 0)
+  keep = lambda: ((lo + jnp.arange(size) >= offset) & (lo + jnp.arange(size) < end))[:, None]
+  return jax.lax.cond(left > 0, lambda c: piece(c, lo, size, keep()), lambda c: c, carry)
+
+
+def _rows(a, lo, size):
+  return jax.lax.dynamic_slice_in_dim(a, lo, size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _window_matmul(x_RI, w_EIO, sizes_E, min_window):
+  """The windows kernel: rows sorted by expert, unpadded (expert e's `sizes_E[e]` rows follow
+  expert e-1's); a scan over experts multiplies each expert's rows by its kernel in a few
+  windows of static power-of-two sizes (`_cover_expert`), so most work is in large matmuls
+  and at most `min_window` rows per expert are computed and masked away. Rows past the last
+  expert's get zeros."""
+  return _window_matmul_fwd(x_RI, w_EIO, sizes_E, min_window)[0]
+
+
+def _window_matmul_fwd(x_RI, w_EIO, sizes_E, min_window):
+  num_rows = x_RI.shape[0]
+  sizes = _window_sizes(num_rows, min_window)
+  out_dtype = jnp.result_type(x_RI, w_EIO)
+
+  def expert(y_RO, xs):
+    w_IO, start, count = xs
+
+    def piece(y_RO, lo, size, keep):
+      y_BO = (_rows(x_RI, lo, size) @ w_IO).astype(out_dtype)
+      if keep is not None:
+        y_BO = jnp.where(keep, y_BO, _rows(y_RO, lo, size))
+      return jax.lax.dynamic_update_slice_in_dim(y_RO, y_BO, lo, 0)
+
+    return _cover_expert(start, count, sizes, piece, y_RO), None
+
+  starts_E = jnp.cumsum(sizes_E) - sizes_E
+  y_RO = jax.lax.scan(expert, jnp.zeros((num_rows, w_EIO.shape[-1]), out_dtype),
+                      (w_EIO, starts_E, sizes_E))[0]
+  return y_RO, (x_RI, w_EIO, sizes_E)
+
+
+def _window_matmul_bwd(min_window, residuals, dy_RO):
+  x_RI, w_EIO, sizes_E = residuals
+  num_rows = x_RI.shape[0]
+  sizes = _window_sizes(num_rows, min_window)
+
+  def expert(dx_RI, xs):  # dx by windows; dW_e summed over the expert's windows
+    w_IO, start, count = xs
+
+    def piece(carry, lo, size, keep):
+      dx_RI, dw_IO = carry
+      x_BI, dy_BO = _rows(x_RI, lo, size), _rows(dy_RO, lo, size)
+      dx_BI = (dy_BO @ w_IO.T).astype(x_RI.dtype)
+      if keep is not None:
+        dx_BI = jnp.where(keep, dx_BI, _rows(dx_RI, lo, size))
+        x_BI = jnp.where(keep, x_BI, 0)
+      dw_IO += jnp.matmul(x_BI.T, dy_BO, preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_slice_in_dim(dx_RI, dx_BI, lo, 0), dw_IO
+
+    dx_RI, dw_IO = _cover_expert(start, count, sizes, piece,
+                                 (dx_RI, jnp.zeros(w_IO.shape, jnp.float32)))
+    return dx_RI, dw_IO.astype(w_EIO.dtype)
+
+  starts_E = jnp.cumsum(sizes_E) - sizes_E
+  dx_RI, dw_EIO = jax.lax.scan(expert, jnp.zeros_like(x_RI), (w_EIO, starts_E, sizes_E))
+  return dx_RI, dw_EIO, None
+
+
+_window_matmul.defvjp(_window_matmul_fwd, _window_matmul_bwd)

@@ -10,7 +10,7 @@ row axes), experts over the axis of 'expert' (p shards of E / p experts). Per sh
      into a send buffer [p, M] (chunk j for shard j: every choice could go to one shard, so
      each chunk holds M rows); one `all_to_all` over the expert axis exchanges the chunks and
      the local expert id of each row (E / p marks an empty slot).
-  2. the p*M received rows are sorted by local expert into block-padded rows (`sort_rows`)
+  2. the p*M received rows are sorted by local expert (`sort_rows`)
      and the experts run as grouped matmuls on the shard's own experts (`SortedRows.matmul`
      under `shard_map`; a kernel dimension split over another axis ('model') is summed there).
   3. combine: each received row's output goes back by the inverse `all_to_all`, into the
@@ -18,7 +18,8 @@ row axes), experts over the axis of 'expert' (p shards of E / p experts). Per sh
 
 Send buffers are sized for the worst case (p*M rows per shard, of which M are real): XLA:CPU
 has no `ragged_all_to_all`, and a smaller fixed size could drop tokens. Empty rows cost
-communication and memory, not matmul work (the block scan skips blocks past the last expert).
+communication and memory, not matmul work (the windows and blocks kernels skip rows past the
+last expert's).
 With one expert shard (data parallelism only) nothing is exchanged: each shard sorts its own.
 """
 

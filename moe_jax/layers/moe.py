@@ -78,9 +78,10 @@ class MoeLayer(nn.Module):
   Dropless (`dispatch="dropless"`, MegaBlocks, Gale et al. 2022, arXiv:2211.15841; see
   `moe_jax.layers.dispatch`): tokens-choose routers only (called with `capacity=None` they
   return their `TokenChoices` unbuffered); capacity factors are not read and
-  `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "blocks", None: by
-  platform: ragged_dot on TPU, the block scan elsewhere) and `dropless_block_size` (rows per
-  block of the block scan) choose the kernel.
+  `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "windows" / "blocks",
+  None: by platform: ragged_dot on TPU, windows on CPU, blocks on GPU) and
+  `dropless_block_size` (rows per block of blocks, of the smallest window of windows) choose
+  the kernel.
   Decoding works as it is (no capacity, so each token's output is its own: causal by
   construction; no cache is kept). Under a mesh it is expert-parallel by explicit all-to-all
   (`moe_jax.layers.expert_parallel`).

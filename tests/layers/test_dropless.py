@@ -74,10 +74,10 @@ def _top_k_mixture(params, x, k, mask=None):
 
 
 ROUTERS = {
-    "switch": (routing.SwitchRouter(), "blocks"),
+    "switch": (routing.SwitchRouter(), "windows"),
     "top2": (routing.TopKRouter(k=2), "blocks"),
     "top2_renormalize_ragged_dot": (routing.TopKRouter(k=2, renormalize=True), "ragged_dot"),
-    "noisy_top2": (noisy_routing.NoisyTopKRouter(k=2), "blocks"),
+    "noisy_top2": (noisy_routing.NoisyTopKRouter(k=2), "windows"),
 }
 
 
@@ -111,7 +111,7 @@ def test_equals_gather_outputs_and_gradients_when_gather_drops_nothing(name):
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["blocks", "ragged_dot"])
+@pytest.mark.parametrize("kernel", dispatch_lib.GROUPED_MATMULS)
 def test_processes_every_token_where_gather_drops(kernel):
   router = routing.TopKRouter(k=2)
   gather = _layer(router, dispatch="gather", eval_capacity_factor=0.5)  # C = 4 of S = 16
@@ -174,6 +174,45 @@ def test_sort_choices_by_hand():
   np.testing.assert_array_equal(rows.group_sizes_E, [2, 0, 4])
 
 
+@pytest.mark.parametrize("kernel", dispatch_lib.GROUPED_MATMULS)
+@pytest.mark.parametrize("loads, block", [
+    ((13, 0, 8, 30), 4),   # 13 = 8+4+1, 8, 30 = 16+8+4+2: the remainders in masked windows
+    ((0, 0, 51, 0), 4),    # every row on one expert: windows 32+16, the rest reaches back
+    ((5, 3, 2, 1), 16),    # every expert below the smallest window: masked windows only
+    ((20, 20, 20, 1), 64), # the smallest window is all 64 rows: one masked window each
+])
+def test_grouped_matmul_by_hand(kernel, loads, block):
+  """SortedRows.matmul: each row times its expert's kernel, and the VJP, for skewed loads,
+  empty experts and 3 invalid items (no row), against float64 numpy."""
+  rng = np.random.RandomState(sum(loads))
+  expert_M = np.concatenate([np.repeat(np.arange(4), loads), [4, 4, 4]])
+  rng.shuffle(expert_M)
+  rows = dispatch_lib.sort_rows(jnp.asarray(expert_M, jnp.int32), num_experts=4,
+                                block_size=block, grouped_matmul=kernel)
+  x_MI = rng.normal(0, 1, (len(expert_M), 5))
+  w_EIO, dy_MO = rng.normal(0, 1, (4, 5, 3)), rng.normal(0, 1, (len(expert_M), 3))
+  valid = expert_M < 4
+  want_y = np.where(valid[:, None], np.einsum("mi,mio->mo", x_MI, w_EIO[np.minimum(expert_M, 3)]),
+                    0)
+  want_dx = np.where(valid[:, None], np.einsum("mo,mio->mi", dy_MO,
+                                               w_EIO[np.minimum(expert_M, 3)]), 0)
+  want_dw = np.stack([x_MI[expert_M == e].T @ dy_MO[expert_M == e] for e in range(4)])
+
+  def per_item(x_MI, w_EIO):  # rows in, each item's row out (zeros for invalid items)
+    x_RI = jnp.take(x_MI, rows.token_R, axis=0, mode="fill", fill_value=0)
+    return jnp.take(rows.matmul(x_RI, w_EIO), rows.row_M, axis=0, mode="fill", fill_value=0)
+
+  def y_and_grads(x_MI, w_EIO, dy_MO):
+    y, vjp = jax.vjp(per_item, x_MI, w_EIO)
+    return (y, *vjp(dy_MO))
+
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  y, dx, dw = _jit(y_and_grads)(f32(x_MI), f32(w_EIO), f32(dy_MO))
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, culprit", [
     ({"router": routing.ExpertChoiceRouter()}, "ExpertChoiceRouter"),
     ({"grouped_matmul": "dense"}, r"MoeLayer\.grouped_matmul"),
@@ -184,7 +223,7 @@ def test_bad_config_is_refused_by_name(kwargs, culprit):
     _layer(**{"router": routing.SwitchRouter(), "dispatch": "dropless", **kwargs})
 
 
-@pytest.mark.parametrize("mesh_shape, kernel", [((2, 4, 1), "blocks"), ((1, 4, 2), "blocks"),
+@pytest.mark.parametrize("mesh_shape, kernel", [((2, 4, 1), "blocks"), ((1, 4, 2), "windows"),
                                                 ((2, 2, 2), "ragged_dot"), ((4, 1, 2), "blocks")])
 def test_expert_parallel_equals_one_device(mesh_shape, kernel):
   """On 8 devices (data, expert, model) the dropless layer, whose rows move to their expert's

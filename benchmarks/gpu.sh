@@ -2,18 +2,20 @@
 # Accelerator benchmarks on one GPU, in order:
 #   1. benchmarks/moe_layer.py: MoeLayer fwd + bwd per dispatch backend vs dense, bfloat16,
 #      d_model 768, d_ff 3072, E in {8, 64, 128}, k in {1, 2}, T=16384 tokens.
-#   2. benchmarks/train_throughput.py: train-step tokens/s and MFU of the Switch-Base-shaped
+#   2. (PARTS "windows") the dropless layer with the "windows" grouped matmul (the CPU default,
+#      not yet measured on a GPU), E in {8, 64}, k=1, into moe_layer_gpu_windows.json.
+#   3. benchmarks/train_throughput.py: train-step tokens/s and MFU of the Switch-Base-shaped
 #      decoder (12 layers, 6 sparse, E in {8, 64}, 32 x 512 tokens), bfloat16, per backend.
 # Measured on one H200 (2026-11-29): part 1 reached E=8, k=2 in 200 s (the ragged_dot dropless
 # compiles take 8-15 s at E >= 64), part 2 took ~220 s per E with three backends: the whole
 # script needs ~12 minutes, more than one 10-minute call; PARTS="layer" or PARTS="train" runs
-# one part.
+# one part ("layer windows train" runs all three).
 # JSON goes to "$OUT" if set, else benchmarks/results/, as moe_layer_gpu.json and
 # train_throughput_gpu.json. Downloads nothing: the Python environment must already have a
 # CUDA-enabled jax (e.g. jax[cuda12]). Usage, from anywhere:
 #   bash benchmarks/gpu.sh            # PYTHON=/path/to/python to choose the interpreter
 # Override the sizes with BASE_LAYERS, BASE_EXPERTS, BASE_BATCH, BASE_LENGTH, LAYER_TOKENS, and
-# the time limits (s) with LAYER_LIMIT (default 240) and TRAIN_LIMIT (360);
+# the time limits (s) with LAYER_LIMIT (default 240), WINDOWS_LIMIT (150) and TRAIN_LIMIT (360);
 # arguments go to train_throughput.py (e.g. --gin "MoeLayer.max_group_size=1024").
 set -euo pipefail
 
@@ -57,6 +59,13 @@ if [[ " $PARTS " == *" layer "* ]]; then
   run "${LAYER_LIMIT:-240}" "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --d_model 768 \
     --d_ff 3072 --experts 8,64,128 --k 1,2 --tokens "${LAYER_TOKENS:-16384}" --repeats 10 \
     --calls 20 --json "$RESULTS/moe_layer_gpu.json"
+fi
+
+if [[ " $PARTS " == *" windows "* ]]; then
+  run "${WINDOWS_LIMIT:-150}" "$PYTHON" benchmarks/moe_layer.py --dtype bfloat16 --d_model 768 \
+    --d_ff 3072 --experts 8,64 --k 1 --tokens "${LAYER_TOKENS:-16384}" --repeats 10 \
+    --calls 20 --backends gather,dropless --grouped_matmul windows \
+    --json "$RESULTS/moe_layer_gpu_windows.json"
 fi
 
 if [[ " $PARTS " == *" train "* ]]; then

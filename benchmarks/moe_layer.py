@@ -27,6 +27,12 @@ where one step of ~1 ms would otherwise carry the launch latency). Memory comes 
 `compiled.memory_analysis()` (temp / argument / output / peak bytes, where the backend reports
 them; XLA:CPU's peak_memory_in_bytes can be below temp_size_in_bytes: read temp there).
 
+Two references per case, not backends: "experts@cap", the experts alone (`ExpertMlp` forward +
+backward on [E, 1, C, D] buffers, no routing, dispatch or combine) at the capacity C that einsum
+and gather multiply, and "experts@T*k/E", the same at exactly T*k/E rows per expert (the dense
+FFN's FLOPs: what a perfectly balanced dropless layer multiplies). They bound what any backend
+built on per-expert matmuls can reach on this machine (`rows_per_expert` in their records).
+
 Router weights are drawn with unit fan-in variance (logits ~ N(0, 1) for unit-normal inputs)
 rather than the layer's tiny init (scale 0.1), whose near-uniform probabilities still spread
 tokens evenly but make the top-k choice a coin toss among nearly equal gates; the realised
@@ -71,6 +77,7 @@ from moe_jax.layers.routing import SwitchRouter, TopKRouter  # noqa: E402
 ACTIVATIONS = ("relu",)  # the experts' default; the dense baseline uses the same
 ROW_LENGTH = 512  # tokens per row: x is [T / ROW_LENGTH, ROW_LENGTH, D]
 ROUTER_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+EXPERTS_AT_CAPACITY, EXPERTS_EXACT = "experts@cap", "experts@T*k/E"  # references, not backends
 MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
                  "peak_memory_in_bytes")
 
@@ -138,6 +145,7 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
   dense_compiled, dense_params, dense_info = dense
   compiled, params, info = {"dense": dense_compiled}, {"dense": dense_params}, {"dense": dense_info}
   inits = {}  # backends with the same parameter shapes share one initialisation
+  inputs_of = {}  # the experts-only references' own [E, 1, rows, D] inputs
   base = dict(backend=None, num_experts=num_experts, k=k, tokens=tokens, d_model=d_model,
               d_ff=args.d_ff)
   errors = []
@@ -151,19 +159,33 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
         inits[shapes] = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x_BLD)["params"])
       params[b] = p = inits[shapes]
       compiled[b], compile_s, memory = compile_step(layer, (p, x_BLD, dy_BLD, rng))
-      info[b] = dict(compile_s=compile_s, **memory,
+      info[b] = dict(compile_s=compile_s, **memory, rows_per_expert=None,
                      fraction_dropped=fraction_dropped(layer, p, x_BLD, rng))
     except Exception as e:  # noqa: BLE001 -- one broken backend must not end the sweep
-      print(f"{num_experts:>4} {k:>2} {b:>9} FAILED: {type(e).__name__}: {e}", flush=True)
+      print(f"{num_experts:>4} {k:>2} {b:>13} FAILED: {type(e).__name__}: {e}", flush=True)
       errors.append(dict(base, backend=b, error=f"{type(e).__name__}: {e}"))
       compiled.pop(b, None)
+
+  # Bounds for every backend that multiplies per-expert buffers: the experts alone (ExpertMlp
+  # forward + backward on [E, 1, rows, D], no routing, dispatch or combine) at the capacity
+  # buffers' rows (what einsum and gather multiply) and at exactly T*k/E rows each (the dense
+  # FFN's FLOPs, what a perfectly balanced dropless layer multiplies).
+  capacity = MoeLayer(num_experts=num_experts, router=router, expert=expert,
+                      train_capacity_factor=args.capacity_factor).capacity(tokens, False)
+  for name, rows in ((EXPERTS_AT_CAPACITY, capacity), (EXPERTS_EXACT, tokens * k // num_experts)):
+    shape = (num_experts, 1, rows, d_model)
+    x_E1CD = jax.random.normal(jax.random.key(3), shape, x_BLD.dtype)
+    params[name] = nn.unbox(jax.jit(expert.init)(jax.random.key(1), x_E1CD)["params"])
+    compiled[name], compile_s, memory = compile_step(expert, (params[name], x_E1CD, x_E1CD, rng))
+    info[name] = dict(compile_s=compile_s, **memory, fraction_dropped=None, rows_per_expert=rows)
+    inputs_of[name] = (x_E1CD, x_E1CD, rng)
 
   times = {name: [] for name in compiled}
   for _ in range(args.repeats):
     for name, fn in compiled.items():
       start = time.perf_counter()
       for _ in range(args.calls):  # queued back to back: launch latency stays off a short step
-        out = fn(params[name], x_BLD, dy_BLD, rng)
+        out = fn(params[name], *inputs_of.get(name, inputs))
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - start) / args.calls)
 
@@ -187,7 +209,7 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
 def print_row(r):
   mib = lambda v: "" if v is None else f"{v / 2**20:.1f}"
   dropped = "" if r["fraction_dropped"] is None else f"{r['fraction_dropped']:.3f}"
-  print(f"{r['num_experts']:>4} {r['k']:>2} {r['backend']:>9} {r['compile_s']:>9.2f} "
+  print(f"{r['num_experts']:>4} {r['k']:>2} {r['backend']:>13} {r['compile_s']:>9.2f} "
         f"{r['median_s'] * 1e3:>9.2f} {r['ratio_to_dense']:>7.2f} "
         f"{mib(r['temp_size_in_bytes']):>9} {mib(r['peak_memory_in_bytes']):>9} "
         f"{r['floor_s'] * 1e3:>9.3f} {r['floor_frac']:>7.3f} {dropped:>7}", flush=True)
@@ -244,7 +266,7 @@ def main():
   print(f"{device.platform} {device.device_kind}, jax {jax.__version__}; T={args.tokens} "
         f"D={args.d_model} F={args.d_ff} cf={args.capacity_factor} {args.dtype}, "
         f"{args.repeats} repeats; bandwidth {bandwidth / 1e9:.1f} GB/s; backends {backends}")
-  print(f"{'E':>4} {'k':>2} {'backend':>9} {'compile s':>9} {'ms/step':>9} {'/dense':>7} "
+  print(f"{'E':>4} {'k':>2} {'backend':>13} {'compile s':>9} {'ms/step':>9} {'/dense':>7} "
         f"{'temp MiB':>9} {'peak MiB':>9} {'floor ms':>9} {'floor/t':>7} {'dropped':>7}")
 
   shape = (args.tokens // ROW_LENGTH, ROW_LENGTH, args.d_model)
@@ -261,7 +283,8 @@ def main():
     mlp = MlpBlock(intermediate_dim=args.d_ff * k, activations=ACTIVATIONS, dtype=dtype)
     dense_params = nn.unbox(jax.jit(mlp.init)(jax.random.key(1), inputs[0])["params"])
     fn, compile_s, memory = compile_step(mlp, (dense_params,) + inputs)
-    dense = (fn, dense_params, dict(compile_s=compile_s, **memory, fraction_dropped=None))
+    dense = (fn, dense_params, dict(compile_s=compile_s, **memory, fraction_dropped=None,
+                                    rows_per_expert=None))
     for num_experts in experts:
       case, errors = run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs)
       for r in case:

@@ -72,8 +72,10 @@ def einsum_combine(y_EGCD, routing: RouterOutput, group_size: int):
 
 
 def gather_dispatch(x_GSD, routing: RouterOutput):
-  x_GECD = jax.vmap(lambda x_SD, idx_EC: x_SD[idx_EC])(x_GSD, routing.token_index_GEC)
-  x_GECD = jnp.where(routing.valid_GEC[..., None], x_GECD, 0)
+  # Empty slots index past the group: the gather fills them with 0 (no separate select pass).
+  index_GEC = jnp.where(routing.valid_GEC, routing.token_index_GEC, x_GSD.shape[1])
+  x_GECD = jax.vmap(lambda x_SD, idx_EC: jnp.take(x_SD, idx_EC, axis=0, mode="fill",
+                                                  fill_value=0))(x_GSD, index_GEC)
   return x_GECD.transpose(1, 0, 2, 3)
 
 

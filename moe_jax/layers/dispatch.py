@@ -329,9 +329,9 @@ def _rows(a, lo, size):
 def _window_matmul(x_RI, w_EIO, sizes_E, min_window):
   """The windows kernel: rows sorted by expert, unpadded (expert e's `sizes_E[e]` rows follow
   expert e-1's); a scan over experts multiplies each expert's rows by its kernel in a few
-  windows of static power-of-two sizes (`_cover_expert`), so most work is in large matmuls
-  and at most `min_window` rows per expert are computed and masked away. Rows past the last
-  expert's get zeros."""
+  windows of static power-of-two sizes (`_window_sizes`, `_cover_expert`), so most work is in
+  large matmuls and fewer rows than the smallest window (`min_window` rounded up to a power of
+  two) per expert are computed and masked away. Rows past the last expert's get zeros."""
   return _window_matmul_fwd(x_RI, w_EIO, sizes_E, min_window)[0]
 
 

@@ -28,8 +28,8 @@ where one step of ~1 ms would otherwise carry the launch latency). Memory comes 
 them; XLA:CPU's peak_memory_in_bytes can be below temp_size_in_bytes: read temp there).
 
 Two references per case, not backends: "experts@cap", the experts alone (`ExpertMlp` forward +
-backward on [E, 1, C, D] buffers, no routing, dispatch or combine) at the capacity C that einsum
-and gather multiply, and "experts@T*k/E", the same at exactly T*k/E rows per expert (the dense
+backward on [E, 1, G*C, D] buffers, no routing, dispatch or combine) at the G groups x C
+capacity rows per expert that einsum and gather multiply, and "experts@T*k/E", the same at exactly T*k/E rows per expert (the dense
 FFN's FLOPs: what a perfectly balanced dropless layer multiplies). They bound what any backend
 built on per-expert matmuls can reach on this machine (`rows_per_expert` in their records).
 
@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 from moe_jax.layers import dispatch as dispatch_lib  # noqa: E402
 from moe_jax.layers.dense import MlpBlock  # noqa: E402
 from moe_jax.layers.experts import ExpertMlp  # noqa: E402
-from moe_jax.layers.moe import MOE_STATS, MoeLayer  # noqa: E402
+from moe_jax.layers.moe import MOE_STATS, MoeLayer, num_groups  # noqa: E402
 from moe_jax.layers.routing import SwitchRouter, TopKRouter  # noqa: E402
 
 ACTIVATIONS = ("relu",)  # the experts' default; the dense baseline uses the same
@@ -170,9 +170,12 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
   # forward + backward on [E, 1, rows, D], no routing, dispatch or combine) at the capacity
   # buffers' rows (what einsum and gather multiply) and at exactly T*k/E rows each (the dense
   # FFN's FLOPs, what a perfectly balanced dropless layer multiplies).
-  capacity = MoeLayer(num_experts=num_experts, router=router, expert=expert,
-                      train_capacity_factor=args.capacity_factor).capacity(tokens, False)
-  for name, rows in ((EXPERTS_AT_CAPACITY, capacity), (EXPERTS_EXACT, tokens * k // num_experts)):
+  layer = MoeLayer(num_experts=num_experts, router=router, expert=expert,
+                   train_capacity_factor=args.capacity_factor)
+  groups = num_groups(tokens, layer.max_group_size)  # one device: the layer's own grouping
+  capacity_rows = groups * layer.capacity(tokens // groups, False)
+  for name, rows in ((EXPERTS_AT_CAPACITY, capacity_rows),
+                     (EXPERTS_EXACT, tokens * k // num_experts)):
     shape = (num_experts, 1, rows, d_model)
     x_E1CD = jax.random.normal(jax.random.key(3), shape, x_BLD.dtype)
     params[name] = nn.unbox(jax.jit(expert.init)(jax.random.key(1), x_E1CD)["params"])

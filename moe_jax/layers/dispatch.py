@@ -71,11 +71,15 @@ def einsum_combine(y_EGCD, routing: RouterOutput, group_size: int):
   return jnp.einsum("GSEC,EGCD->GSD", combine_GSEC.astype(y_EGCD.dtype), y_EGCD)
 
 
+def _slot_tokens_GEC(routing: RouterOutput, group_size: int):
+  """Each slot's token, `group_size` (past the group) for empty slots: a gather fills them with
+  0 (no separate select pass) and a scatter drops them (they never collide on token 0)."""
+  return jnp.where(routing.valid_GEC, routing.token_index_GEC, group_size)
+
+
 def gather_dispatch(x_GSD, routing: RouterOutput):
-  # Empty slots index past the group: the gather fills them with 0 (no separate select pass).
-  index_GEC = jnp.where(routing.valid_GEC, routing.token_index_GEC, x_GSD.shape[1])
-  x_GECD = jax.vmap(lambda x_SD, idx_EC: jnp.take(x_SD, idx_EC, axis=0, mode="fill",
-                                                  fill_value=0))(x_GSD, index_GEC)
+  take = lambda x_SD, idx_EC: jnp.take(x_SD, idx_EC, axis=0, mode="fill", fill_value=0)
+  x_GECD = jax.vmap(take)(x_GSD, _slot_tokens_GEC(routing, x_GSD.shape[1]))
   return x_GECD.transpose(1, 0, 2, 3)
 
 
@@ -86,14 +90,11 @@ def gather_combine(y_EGCD, routing: RouterOutput, group_size: int):
   weighted_GECD = jnp.einsum("EGCD,GEC->GECD", y_EGCD,
                              routing.combine_GEC.astype(y_EGCD.dtype))
 
-  # Empty slots point past the group and are dropped, so they never collide on token 0.
-  index_GEC = jnp.where(routing.valid_GEC, routing.token_index_GEC, group_size)
-
   def scatter_add(y_ECD, idx_EC):
     y_SD = jnp.zeros((group_size, y_ECD.shape[-1]), y_ECD.dtype)
     return y_SD.at[idx_EC.reshape(-1)].add(y_ECD.reshape(-1, y_ECD.shape[-1]), mode="drop")
 
-  return jax.vmap(scatter_add)(weighted_GECD, index_GEC)
+  return jax.vmap(scatter_add)(weighted_GECD, _slot_tokens_GEC(routing, group_size))
 
 
 # name -> (dispatch, combine)
@@ -187,7 +188,7 @@ def sort_rows(expert_M, num_experts: int, block_size: int, grouped_matmul: str,
   if grouped_matmul not in GROUPED_MATMULS:
     raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}")
   num_items = expert_M.shape[0]
-  pad = block_size if grouped_matmul == "blocks" else 1  # windows: b is the smallest window
+  pad = block_size if grouped_matmul == "blocks" else 1  # the others take unpadded rows
   # Every expert's group ends with < b padding rows: M + E*(b-1) rows is the static bound.
   num_blocks = -(-(num_items + num_experts * (pad - 1)) // pad)
   num_rows = num_blocks * pad
@@ -317,8 +318,22 @@ def _cover_expert(start, count, sizes, piece, carry):
     offset, left = offset + jnp.where(take, size, 0), left - jnp.where(take, size, 0)
   end, size = offset + left, sizes[0]
   lo = jnp.maximum(end - size, 0)
-  keep = lambda: ((lo + jnp.arange(size) >= offset) & (lo + jnp.arange(size) < end))[:, None]
-  return jax.lax.cond(left > 0, lambda c: piece(c, lo, size, keep()), lambda c: c, carry)
+  row = lo + jnp.arange(size)
+  keep = ((row >= offset) & (row < end))[:, None]
+  return jax.lax.cond(left > 0, lambda c: piece(c, lo, size, keep), lambda c: c, carry)
+
+
+def _scan_experts(expert_fn, init, w_EIO, sizes_E, num_rows, min_window):
+  """lax.scan of expert_fn(carry, w_IO, cover) over the experts, where `cover(piece, carry)`
+  runs `_cover_expert` over that expert's rows of the unpadded layout (each expert's rows
+  follow the previous expert's)."""
+  sizes = _window_sizes(num_rows, min_window)
+
+  def body(carry, xs):
+    w_IO, start, count = xs
+    return expert_fn(carry, w_IO, lambda piece, c: _cover_expert(start, count, sizes, piece, c))
+
+  return jax.lax.scan(body, init, (w_EIO, jnp.cumsum(sizes_E) - sizes_E, sizes_E))
 
 
 def _rows(a, lo, size):
@@ -337,34 +352,26 @@ def _window_matmul(x_RI, w_EIO, sizes_E, min_window):
 
 def _window_matmul_fwd(x_RI, w_EIO, sizes_E, min_window):
   num_rows = x_RI.shape[0]
-  sizes = _window_sizes(num_rows, min_window)
   out_dtype = jnp.result_type(x_RI, w_EIO)
 
-  def expert(y_RO, xs):
-    w_IO, start, count = xs
-
+  def expert(y_RO, w_IO, cover):
     def piece(y_RO, lo, size, keep):
       y_BO = (_rows(x_RI, lo, size) @ w_IO).astype(out_dtype)
       if keep is not None:
         y_BO = jnp.where(keep, y_BO, _rows(y_RO, lo, size))
       return jax.lax.dynamic_update_slice_in_dim(y_RO, y_BO, lo, 0)
 
-    return _cover_expert(start, count, sizes, piece, y_RO), None
+    return cover(piece, y_RO), None
 
-  starts_E = jnp.cumsum(sizes_E) - sizes_E
-  y_RO = jax.lax.scan(expert, jnp.zeros((num_rows, w_EIO.shape[-1]), out_dtype),
-                      (w_EIO, starts_E, sizes_E))[0]
+  y_RO = _scan_experts(expert, jnp.zeros((num_rows, w_EIO.shape[-1]), out_dtype), w_EIO,
+                       sizes_E, num_rows, min_window)[0]
   return y_RO, (x_RI, w_EIO, sizes_E)
 
 
 def _window_matmul_bwd(min_window, residuals, dy_RO):
   x_RI, w_EIO, sizes_E = residuals
-  num_rows = x_RI.shape[0]
-  sizes = _window_sizes(num_rows, min_window)
 
-  def expert(dx_RI, xs):  # dx by windows; dW_e summed over the expert's windows
-    w_IO, start, count = xs
-
+  def expert(dx_RI, w_IO, cover):  # dx by windows; dW_e summed over the expert's windows
     def piece(carry, lo, size, keep):
       dx_RI, dw_IO = carry
       x_BI, dy_BO = _rows(x_RI, lo, size), _rows(dy_RO, lo, size)
@@ -375,12 +382,11 @@ def _window_matmul_bwd(min_window, residuals, dy_RO):
       dw_IO += jnp.matmul(x_BI.T, dy_BO, preferred_element_type=jnp.float32)
       return jax.lax.dynamic_update_slice_in_dim(dx_RI, dx_BI, lo, 0), dw_IO
 
-    dx_RI, dw_IO = _cover_expert(start, count, sizes, piece,
-                                 (dx_RI, jnp.zeros(w_IO.shape, jnp.float32)))
+    dx_RI, dw_IO = cover(piece, (dx_RI, jnp.zeros(w_IO.shape, jnp.float32)))
     return dx_RI, dw_IO.astype(w_EIO.dtype)
 
-  starts_E = jnp.cumsum(sizes_E) - sizes_E
-  dx_RI, dw_EIO = jax.lax.scan(expert, jnp.zeros_like(x_RI), (w_EIO, starts_E, sizes_E))
+  dx_RI, dw_EIO = _scan_experts(expert, jnp.zeros_like(x_RI), w_EIO, sizes_E, x_RI.shape[0],
+                                min_window)
   return dx_RI, dw_EIO, None
 
 

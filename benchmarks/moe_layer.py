@@ -18,7 +18,10 @@ matmul FLOPs, so ratio_to_dense ~1.25 is the best to hope for before routing and
 E in {8, 128}, k in {1, 2}, 3 repeats, a 64 MiB bandwidth probe.
 
 Method, all in ONE process: a step is `jax.vjp` of the layer w.r.t. (params, x) pulled back
-with a fixed random cotangent, i.e. the weight and input gradients a training step needs.
+with a fixed random cotangent, returning the output and the weight and input gradients, i.e.
+what a training step computes for the layer (the output too: a step that returned only the
+gradients would let XLA drop the dense FFN's second forward matmul, never the MoE experts'
+outputs, which the gate gradient needs: a 6/5 handicap for MoE in every ratio).
 Compile time is the wall time of `jax.jit(step).lower(...).compile()`. After one warm-up call
 each, repeats are interleaved (dense, backend1, backend2, ..., dense, ...) so drift in machine
 load hits all alike; times are medians of `block_until_ready` wall times (`--calls N`: each
@@ -96,12 +99,15 @@ def measure_bandwidth(mib: int, repeats: int) -> float:
 
 
 def make_step(layer):
-  """(params, x_BLD, dy_BLD, rng) -> (dparams, dx_BLD): forward + backward, training path."""
+  """(params, x_BLD, dy_BLD, rng) -> (y_BLD, (dparams, dx_BLD)): forward + backward, training
+  path. The output is returned too, as the next layer would consume it: otherwise XLA drops
+  whatever only the output needs (the dense FFN's second forward matmul, a sixth of its FLOPs,
+  while a MoE layer keeps its experts' outputs for the gate gradient)."""
   def step(params, x_BLD, dy_BLD, rng):
     rngs = {"routing": rng, "dropout": rng}
     f = lambda p, x: layer.apply({"params": p}, x, deterministic=False, rngs=rngs)
-    _, pull = jax.vjp(f, params, x_BLD)
-    return pull(dy_BLD)
+    y_BLD, pull = jax.vjp(f, params, x_BLD)
+    return y_BLD, pull(dy_BLD)
   return step
 
 

@@ -21,8 +21,9 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
     first, each taken at most once by `lax.cond`: a binary decomposition of the expert's row
     count down to `block_size`, rounded up to a power of two), then one window of that size,
     masked, for the rest. So most rows go through a few large matmuls and fewer than
-    `block_size` rows per expert are wasted; the VJP is a scan of the same form, each
-    expert's dW summed over its windows.
+    `block_size` rows per expert are wasted. The VJP's dx is a scan of the same form; each
+    expert's dW is ONE matmul over a masked window from static sizes growing by 1.25x
+    (`lax.switch`), not a sum over its windows (each would read and write the [I, O] sum).
   "blocks" (GPU default): each expert's group is padded to a multiple of `block_size`
     rows (at most M + E*(block_size - 1) rows in all, M = G*S*K, a static bound), and a `lax.scan`
     over the blocks multiplies each by its expert's [I, O] kernel (a dynamic slice, never a
@@ -32,7 +33,7 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
 XLA:CPU lowers `ragged_dot` to a dense dot over every expert (E times the work), and a padded
 [E, max_rows, D] buffer needs max_rows = M to be dropless. On a 2-core CPU (float32, T=4096,
 d_model 512, d_ff 2048, top-1, forward + backward, against the dense FFN; benchmarks/RESULTS.md)
-windows ran 1.76x / 2.43x / 4.62x at E = 8 / 32 / 128 and blocks 2.05x / 3.21x / 5.49x: blocks
+windows ran 1.28x / 1.78x / 2.41x at E = 8 / 32 / 128 and blocks 1.33x / 2.06x / 2.97x: blocks
 pads (on average half a block per expert) and reads and writes its expert's whole dW slice for
 every block. On an H200 (jax 0.11.2, bf16, T=16384, d_model 768, d_ff 3072) `ragged_dot`'s
 temporaries grew with E as a dense dot's would (2.4 / 19 / 38 GiB at E = 8 / 64 / 128) and it
@@ -113,13 +114,23 @@ def default_grouped_matmul() -> str:
   return {"tpu": "ragged_dot", "cpu": "windows"}.get(jax.default_backend(), "blocks")
 
 
-def dropless_block_size(num_choices: int, num_experts: int, max_block_size: int,
+# `MoeLayer.dropless_block_size=None`: rows per block of blocks, of the smallest window of
+# windows. Windows' is small: on a 2-core CPU (T=4096, d_model 512, d_ff 2048, top-1, forward +
+# backward) the dropless layer ran 1.11x / 1.15x / 1.20x the dense FFN with 8 / 16 / 128 at E=8
+# and 1.53x / 1.52x / 1.68x at E=32 (the masked last window wastes up to its size per expert,
+# and at 128 that is a whole expert's share at E=32); 4 to 32 within noise at E=128.
+DEFAULT_BLOCK_SIZES = {"blocks": 128, "windows": 8}
+
+
+def dropless_block_size(num_choices: int, num_experts: int, max_block_size: int | None,
                         grouped_matmul: str) -> int:
-  """Rows per block (blocks) or of the smallest window (windows): <= max_block_size, and no
-  more than the power of two >= M / E, so that tiny layers do not pad every expert to a large
-  block; 1 for ragged_dot (no padding)."""
+  """Rows per block (blocks) or of the smallest window (windows): <= max_block_size (None:
+  `DEFAULT_BLOCK_SIZES`), and no more than the power of two >= M / E, so that tiny layers do
+  not pad every expert to a large block; 1 for ragged_dot (no padding)."""
   if grouped_matmul == "ragged_dot":
     return 1
+  if max_block_size is None:
+    max_block_size = DEFAULT_BLOCK_SIZES[grouped_matmul]
   return min(max_block_size, 1 << max(0, math.ceil(math.log2(max(1, num_choices / num_experts)))))
 
 
@@ -368,26 +379,57 @@ def _window_matmul_fwd(x_RI, w_EIO, sizes_E, min_window):
   return y_RO, (x_RI, w_EIO, sizes_E)
 
 
+def _weight_window_sizes(num_rows: int, granule: int) -> list[int]:
+  """The static sizes of the one window the windows kernel's dW takes per expert, ascending:
+  multiples of `granule`, each the larger of (the last + granule) and (1.25x the last, rounded
+  up to the granule), up to num_rows; so the window covering n rows has fewer than
+  n / 4 + granule rows past them."""
+  sizes = [min(granule, num_rows)]
+  while sizes[-1] < num_rows:
+    grown = -(-math.ceil(sizes[-1] * 1.25) // granule) * granule
+    sizes.append(min(num_rows, max(sizes[-1] + granule, grown)))
+  return sizes
+
+
+def _expert_weight_grad(x_RI, dy_RO, start, count, sizes):
+  """dW [I, O] float32 of the expert whose rows are [start, start + count): ONE matmul over the
+  smallest window of `sizes` that holds them (`lax.switch`), other rows of x masked to zero."""
+  num_rows = x_RI.shape[0]
+
+  def window(size):
+    def grad():
+      lo = jnp.clip(start, 0, num_rows - size)
+      row = lo + jnp.arange(size)
+      x_BI = jnp.where(((row >= start) & (row < start + count))[:, None], _rows(x_RI, lo, size), 0)
+      return jnp.matmul(x_BI.T, _rows(dy_RO, lo, size), preferred_element_type=jnp.float32)
+    return grad
+
+  index = jnp.searchsorted(jnp.asarray(sizes), count, side="left")
+  return jax.lax.switch(index, [window(size) for size in sizes])
+
+
 def _window_matmul_bwd(min_window, residuals, dy_RO):
   x_RI, w_EIO, sizes_E = residuals
 
-  def expert(dx_RI, w_IO, cover):  # dx by windows; dW_e summed over the expert's windows
-    def piece(carry, lo, size, keep):
-      dx_RI, dw_IO = carry
-      x_BI, dy_BO = _rows(x_RI, lo, size), _rows(dy_RO, lo, size)
-      dx_BI = (dy_BO @ w_IO.T).astype(x_RI.dtype)
+  def expert(dx_RI, w_IO, cover):  # dx by the forward's windows
+    def piece(dx_RI, lo, size, keep):
+      dx_BI = (_rows(dy_RO, lo, size) @ w_IO.T).astype(x_RI.dtype)
       if keep is not None:
         dx_BI = jnp.where(keep, dx_BI, _rows(dx_RI, lo, size))
-        x_BI = jnp.where(keep, x_BI, 0)
-      dw_IO += jnp.matmul(x_BI.T, dy_BO, preferred_element_type=jnp.float32)
-      return jax.lax.dynamic_update_slice_in_dim(dx_RI, dx_BI, lo, 0), dw_IO
+      return jax.lax.dynamic_update_slice_in_dim(dx_RI, dx_BI, lo, 0)
 
-    dx_RI, dw_IO = cover(piece, (dx_RI, jnp.zeros(w_IO.shape, jnp.float32)))
-    return dx_RI, dw_IO.astype(w_EIO.dtype)
+    return cover(piece, dx_RI), None
 
-  dx_RI, dw_EIO = _scan_experts(expert, jnp.zeros_like(x_RI), w_EIO, sizes_E, x_RI.shape[0],
-                                min_window)
-  return dx_RI, dw_EIO, None
+  num_rows = x_RI.shape[0]
+  dx_RI = _scan_experts(expert, jnp.zeros_like(x_RI), w_EIO, sizes_E, num_rows, min_window)[0]
+  # dW in one matmul per expert, over up to a quarter more rows than the expert's: cheaper than
+  # summing each window's partial dW into an [I, O] carry, which reads and writes the sum once
+  # per window (the layer went 1.17x -> 1.13x the dense FFN at E=8, 1.59x -> 1.41x at E=32;
+  # benchmarks/RESULTS.md).
+  sizes = _weight_window_sizes(num_rows, _window_sizes(num_rows, min_window)[0])
+  dw_EIO = jax.lax.map(lambda a: _expert_weight_grad(x_RI, dy_RO, *a, sizes),
+                       (jnp.cumsum(sizes_E) - sizes_E, sizes_E))
+  return dx_RI, dw_EIO.astype(w_EIO.dtype), None
 
 
 _window_matmul.defvjp(_window_matmul_fwd, _window_matmul_bwd)

@@ -80,8 +80,8 @@ class MoeLayer(nn.Module):
   return their `TokenChoices` unbuffered); capacity factors are not read and
   `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "windows" / "blocks",
   None: by platform: ragged_dot on TPU, windows on CPU, blocks on GPU) and
-  `dropless_block_size` (rows per block of blocks, of the smallest window of windows) choose
-  the kernel.
+  `dropless_block_size` (rows per block of blocks, of the smallest window of windows; None:
+  128 for blocks, 8 for windows, `dispatch.DEFAULT_BLOCK_SIZES`) choose the kernel.
   Decoding works as it is (no capacity, so each token's output is its own: causal by
   construction; no cache is kept). Under a mesh it is expert-parallel by explicit all-to-all
   (`moe_jax.layers.expert_parallel`).
@@ -99,7 +99,7 @@ class MoeLayer(nn.Module):
   expert_capacity: Optional[int] = None
   num_shared_experts: int = 0
   grouped_matmul: Optional[str] = None
-  dropless_block_size: int = 128
+  dropless_block_size: Optional[int] = None
 
   def __post_init__(self):
     if self.num_experts < 1:
@@ -132,8 +132,8 @@ class MoeLayer(nn.Module):
     if self.grouped_matmul not in (None, *dispatch_lib.GROUPED_MATMULS):
       raise ValueError(f"MoeLayer.grouped_matmul must be None or one of "
                        f"{dispatch_lib.GROUPED_MATMULS}, got {self.grouped_matmul!r}")
-    if self.dropless_block_size < 1:
-      raise ValueError(f"MoeLayer.dropless_block_size must be >= 1, got "
+    if self.dropless_block_size is not None and self.dropless_block_size < 1:
+      raise ValueError(f"MoeLayer.dropless_block_size must be >= 1 or None, got "
                        f"{self.dropless_block_size}")
     if self.router.k > self.num_experts:
       raise ValueError(f"{type(self.router).__name__}.k={self.router.k} exceeds "

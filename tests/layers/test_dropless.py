@@ -213,6 +213,28 @@ def test_grouped_matmul_by_hand(kernel, loads, block):
   np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
 
 
+def test_weight_window_sizes_bound_the_waste():
+  # Multiples of 8, each max(last + 8, 1.25 * last rounded up to 8), capped at the rows.
+  assert dispatch_lib._weight_window_sizes(100, 8) == [8, 16, 24, 32, 40, 56, 72, 96, 100]
+  for num_rows, granule in ((100, 8), (4096, 8), (1000, 32), (5, 8)):
+    sizes = dispatch_lib._weight_window_sizes(num_rows, granule)
+    for n in range(1, num_rows + 1):  # the window an expert of n rows takes
+      size = next(s for s in sizes if s >= n)
+      assert size - n < n / 4 + granule, (num_rows, granule, n, size)
+
+
+@pytest.mark.parametrize("num_choices, num_experts, given, kernel, want", [
+    (4096, 8, None, "windows", 8),     # the defaults: 8 rows for windows, 128 for blocks
+    (4096, 8, None, "blocks", 128),
+    (96, 32, None, "blocks", 4),       # 3 rows per expert: the power of two >= 3
+    (4096, 8, 1000, "windows", 512),   # a given size, capped the same way
+    (4096, 8, 16, "blocks", 16),
+    (4096, 8, None, "ragged_dot", 1),  # no padding
+])
+def test_dropless_block_size(num_choices, num_experts, given, kernel, want):
+  assert dispatch_lib.dropless_block_size(num_choices, num_experts, given, kernel) == want
+
+
 @pytest.mark.parametrize("kwargs, culprit", [
     ({"router": routing.ExpertChoiceRouter()}, "ExpertChoiceRouter"),
     ({"grouped_matmul": "dense"}, r"MoeLayer\.grouped_matmul"),

@@ -32,8 +32,9 @@ them; XLA:CPU's peak_memory_in_bytes can be below temp_size_in_bytes: read temp 
 
 Two references per case, not backends: "experts@cap", the experts alone (`ExpertMlp` forward +
 backward on [E, 1, G*C, D] buffers, no routing, dispatch or combine) at the G groups x C
-capacity rows per expert that einsum and gather multiply, and "experts@T*k/E", the same at exactly T*k/E rows per expert (the dense
-FFN's FLOPs: what a perfectly balanced dropless layer multiplies). They bound what any backend
+capacity rows per expert that einsum and gather multiply, and "experts@T*k/E", the same at
+exactly T*k/E rows per expert (the dense FFN's FLOPs: what a perfectly balanced dropless layer
+multiplies). They bound what any backend
 built on per-expert matmuls can reach on this machine (`rows_per_expert` in their records).
 
 Router weights are drawn with unit fan-in variance (logits ~ N(0, 1) for unit-normal inputs)

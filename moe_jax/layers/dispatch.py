@@ -334,17 +334,21 @@ def _cover_expert(start, count, sizes, piece, carry):
   return jax.lax.cond(left > 0, lambda c: piece(c, lo, size, keep), lambda c: c, carry)
 
 
+def _expert_starts(sizes_E):
+  """Each expert's first row in the unpadded layout (its rows follow the previous expert's)."""
+  return jnp.cumsum(sizes_E) - sizes_E
+
+
 def _scan_experts(expert_fn, init, w_EIO, sizes_E, num_rows, min_window):
   """lax.scan of expert_fn(carry, w_IO, cover) over the experts, where `cover(piece, carry)`
-  runs `_cover_expert` over that expert's rows of the unpadded layout (each expert's rows
-  follow the previous expert's)."""
+  runs `_cover_expert` over that expert's rows of the unpadded layout."""
   sizes = _window_sizes(num_rows, min_window)
 
   def body(carry, xs):
     w_IO, start, count = xs
     return expert_fn(carry, w_IO, lambda piece, c: _cover_expert(start, count, sizes, piece, c))
 
-  return jax.lax.scan(body, init, (w_EIO, jnp.cumsum(sizes_E) - sizes_E, sizes_E))
+  return jax.lax.scan(body, init, (w_EIO, _expert_starts(sizes_E), sizes_E))
 
 
 def _rows(a, lo, size):
@@ -428,7 +432,7 @@ def _window_matmul_bwd(min_window, residuals, dy_RO):
   # benchmarks/RESULTS.md).
   sizes = _weight_window_sizes(num_rows, _window_sizes(num_rows, min_window)[0])
   dw_EIO = jax.lax.map(lambda a: _expert_weight_grad(x_RI, dy_RO, *a, sizes),
-                       (jnp.cumsum(sizes_E) - sizes_E, sizes_E))
+                       (_expert_starts(sizes_E), sizes_E))
   return dx_RI, dw_EIO.astype(w_EIO.dtype), None
 
 

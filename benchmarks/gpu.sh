@@ -6,16 +6,21 @@
 #      not yet measured on a GPU), E in {8, 64}, k=1, into moe_layer_gpu_windows.json.
 #   3. benchmarks/train_throughput.py: train-step tokens/s and MFU of the Switch-Base-shaped
 #      decoder (12 layers, 6 sparse, E in {8, 64}, 32 x 512 tokens), bfloat16, per backend.
+#   4. (PARTS "profile") benchmarks/profile_layer.py: where the gather and dropless layers'
+#      time goes against the dense FFN (router / dispatch / experts / combine, forward and
+#      backward, top kernels), E=8, k=1, the shapes of part 1, with XLA command buffers off so
+#      that every kernel names its op; into profile_layer_gpu.json.
 # Measured on one H200 (2026-11-29): part 1 reached E=8, k=2 in 200 s (the ragged_dot dropless
 # compiles take 8-15 s at E >= 64), part 2 took ~220 s per E with three backends: the whole
 # script needs ~12 minutes, more than one 10-minute call; PARTS="layer" or PARTS="train" runs
-# one part ("layer windows train" runs all three).
+# one part ("layer windows profile train" runs all four).
 # JSON goes to "$OUT" if set, else benchmarks/results/, as moe_layer_gpu.json and
 # train_throughput_gpu.json. Downloads nothing: the Python environment must already have a
 # CUDA-enabled jax (e.g. jax[cuda12]). Usage, from anywhere:
 #   bash benchmarks/gpu.sh            # PYTHON=/path/to/python to choose the interpreter
 # Override the sizes with BASE_LAYERS, BASE_EXPERTS, BASE_BATCH, BASE_LENGTH, LAYER_TOKENS, and
-# the time limits (s) with LAYER_LIMIT (default 240), WINDOWS_LIMIT (150) and TRAIN_LIMIT (360);
+# the time limits (s) with LAYER_LIMIT (default 240), WINDOWS_LIMIT (150), PROFILE_LIMIT (120)
+# and TRAIN_LIMIT (360);
 # arguments go to train_throughput.py (e.g. --gin "MoeLayer.max_group_size=1024").
 set -euo pipefail
 
@@ -66,6 +71,15 @@ if [[ " $PARTS " == *" windows "* ]]; then
     --d_ff 3072 --experts 8,64 --k 1 --tokens "${LAYER_TOKENS:-16384}" --repeats 10 \
     --calls 20 --backends gather,dropless --grouped_matmul windows \
     --json "$RESULTS/moe_layer_gpu_windows.json"
+fi
+
+if [[ " $PARTS " == *" profile "* ]]; then
+  PROFILE_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
+  echo "+ XLA_FLAGS='$PROFILE_FLAGS'"
+  XLA_FLAGS="$PROFILE_FLAGS" run "${PROFILE_LIMIT:-120}" \
+    "$PYTHON" benchmarks/profile_layer.py --dtype bfloat16 --d_model 768 --d_ff 3072 \
+    --experts 8 --k 1 --tokens "${LAYER_TOKENS:-16384}" --backends gather,dropless --top 12 \
+    --json "$RESULTS/profile_layer_gpu.json"
 fi
 
 if [[ " $PARTS " == *" train "* ]]; then

@@ -192,7 +192,9 @@ class MoeLayer(nn.Module):
     dispatch, combine = dispatch_lib.BACKENDS[self.dispatch]
     local_axes = (None, "batch", None, "embed")  # the buffers of this shard's groups
     expert_axes = ("expert", "expert_group", "unmodeled", "embed")
-    x_EGCD = nn.with_logical_constraint(dispatch(x_GSD.astype(self.dtype), routes), local_axes)
+    with jax.named_scope("dispatch"):  # names the ops in profiles (benchmarks/profile_layer.py)
+      x_EGCD = nn.with_logical_constraint(dispatch(x_GSD.astype(self.dtype), routes),
+                                          local_axes)
     # All-to-all: groups go from ('data', 'expert') shards to 'data' only, experts onto 'expert'.
     x_EGCD = nn.with_logical_constraint(x_EGCD, expert_axes)
     y_EGCD = nn.with_logical_constraint(self.expert(x_EGCD, deterministic=deterministic),
@@ -200,8 +202,9 @@ class MoeLayer(nn.Module):
     # All-to-all back: experts leave 'expert', groups return to their batch shards; the
     # combine then runs on local data.
     y_EGCD = nn.with_logical_constraint(y_EGCD, local_axes)
-    y_GSD = nn.with_logical_constraint(combine(y_EGCD, routes, group_size),
-                                       ("batch", "unmodeled", "embed"))
+    with jax.named_scope("combine"):
+      y_GSD = nn.with_logical_constraint(combine(y_EGCD, routes, group_size),
+                                         ("batch", "unmodeled", "embed"))
     return self._finish(y_GSD, x_BLD, deterministic)
 
   def _dropless(self, x_GSD, mask_GS, deterministic):
@@ -219,20 +222,24 @@ class MoeLayer(nn.Module):
     if plan is None:
       block = dispatch_lib.dropless_block_size(choices.expert_GSK.size, self.num_experts,
                                                self.dropless_block_size, kernel)
-      rows = dispatch_lib.sort_choices(choices, self.num_experts, block, kernel)
-      y_RD = self.expert(dispatch_lib.dropless_dispatch(x_GSD, rows),
-                         deterministic=deterministic, rows=rows)
-      return dispatch_lib.dropless_combine(dispatch_lib.choice_outputs(y_RD, rows), choices)
+      with jax.named_scope("dispatch"):
+        rows = dispatch_lib.sort_choices(choices, self.num_experts, block, kernel)
+        x_RD = dispatch_lib.dropless_dispatch(x_GSD, rows)
+      y_RD = self.expert(x_RD, deterministic=deterministic, rows=rows)
+      with jax.named_scope("combine"):
+        return dispatch_lib.dropless_combine(dispatch_lib.choice_outputs(y_RD, rows), choices)
     # A shard receives up to p * M_local rows for its E / p experts: M_local * p / E each.
     block = dispatch_lib.dropless_block_size(
         choices.expert_GSK.size // _batch_shards() * plan.expert_shards, self.num_experts,
         self.dropless_block_size, kernel)
-    x_RD, rows, unsort = expert_parallel.dispatch(
-        x_GSD.reshape(-1, x_GSD.shape[-1]), dispatch_lib.choice_experts(choices, self.num_experts),
-        k=choices.expert_GSK.shape[-1], num_experts=self.num_experts, block_size=block,
-        grouped_matmul=kernel, plan=plan)
+    with jax.named_scope("dispatch"):
+      x_RD, rows, unsort = expert_parallel.dispatch(
+          x_GSD.reshape(-1, x_GSD.shape[-1]),
+          dispatch_lib.choice_experts(choices, self.num_experts), k=choices.expert_GSK.shape[-1],
+          num_experts=self.num_experts, block_size=block, grouped_matmul=kernel, plan=plan)
     y_RD = self.expert(x_RD, deterministic=deterministic, rows=rows)
-    return dispatch_lib.dropless_combine(expert_parallel.combine(y_RD, unsort, plan), choices)
+    with jax.named_scope("combine"):
+      return dispatch_lib.dropless_combine(expert_parallel.combine(y_RD, unsort, plan), choices)
 
   def _finish(self, y_GSD, x_BLD, deterministic):
     """y_BLD in x's dtype, plus the shared experts."""

@@ -10,17 +10,21 @@
 #      time goes against the dense FFN (router / dispatch / experts / combine, forward and
 #      backward, top kernels), E=8, k=1, the shapes of part 1, with XLA command buffers off so
 #      that every kernel names its op; into profile_layer_gpu.json.
+#   5. (PARTS "trainprofile") the train step of part 3 at E=8, gather only, profiled by part of
+#      the model (train_throughput.py --profile: MoE router / dispatch / experts / combine,
+#      attention, dense MLPs, norms, logits + loss, embedding, other = mostly the optimizer),
+#      command buffers off as in part 4; into train_profile_gpu.json.
 # Measured on one H200 (2026-11-29): part 1 reached E=8, k=2 in 200 s (the ragged_dot dropless
 # compiles take 8-15 s at E >= 64), part 2 took ~220 s per E with three backends: the whole
 # script needs ~12 minutes, more than one 10-minute call; PARTS="layer" or PARTS="train" runs
-# one part ("layer windows profile train" runs all four).
+# one part ("layer windows profile train trainprofile" runs all five).
 # JSON goes to "$OUT" if set, else benchmarks/results/, as moe_layer_gpu.json and
 # train_throughput_gpu.json. Downloads nothing: the Python environment must already have a
 # CUDA-enabled jax (e.g. jax[cuda12]). Usage, from anywhere:
 #   bash benchmarks/gpu.sh            # PYTHON=/path/to/python to choose the interpreter
 # Override the sizes with BASE_LAYERS, BASE_EXPERTS, BASE_BATCH, BASE_LENGTH, LAYER_TOKENS, and
-# the time limits (s) with LAYER_LIMIT (default 240), WINDOWS_LIMIT (150), PROFILE_LIMIT (120)
-# and TRAIN_LIMIT (360);
+# the time limits (s) with LAYER_LIMIT (default 240), WINDOWS_LIMIT (150), PROFILE_LIMIT (120),
+# TRAIN_LIMIT (360) and TRAIN_PROFILE_LIMIT (180);
 # arguments go to train_throughput.py (e.g. --gin "MoeLayer.max_group_size=1024").
 set -euo pipefail
 
@@ -73,8 +77,9 @@ if [[ " $PARTS " == *" windows "* ]]; then
     --json "$RESULTS/moe_layer_gpu_windows.json"
 fi
 
+# Profiles need every kernel to name its HLO op: XLA's command buffers hide that.
+PROFILE_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
 if [[ " $PARTS " == *" profile "* ]]; then
-  PROFILE_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer="
   echo "+ XLA_FLAGS='$PROFILE_FLAGS'"
   XLA_FLAGS="$PROFILE_FLAGS" run "${PROFILE_LIMIT:-120}" \
     "$PYTHON" benchmarks/profile_layer.py --dtype bfloat16 --d_model 768 --d_ff 3072 \
@@ -87,6 +92,15 @@ if [[ " $PARTS " == *" train "* ]]; then
     --models base --base_layers "${BASE_LAYERS:-12}" --base_experts "${BASE_EXPERTS:-8,64}" \
     --base_batch "${BASE_BATCH:-32}" --base_length "${BASE_LENGTH:-512}" --repeats 10 \
     --json "$RESULTS/train_throughput_gpu.json" "$@"
+fi
+
+if [[ " $PARTS " == *" trainprofile "* ]]; then
+  echo "+ XLA_FLAGS='$PROFILE_FLAGS'"
+  XLA_FLAGS="$PROFILE_FLAGS" run "${TRAIN_PROFILE_LIMIT:-180}" \
+    "$PYTHON" benchmarks/train_throughput.py --dtype bfloat16 --models base \
+    --base_layers "${BASE_LAYERS:-12}" --base_experts 8 --base_batch "${BASE_BATCH:-32}" \
+    --base_length "${BASE_LENGTH:-512}" --backends gather --repeats 3 --profile 5 \
+    --json "$RESULTS/train_profile_gpu.json" "$@"
 fi
 
 echo "results: $RESULTS/moe_layer_gpu.json $RESULTS/train_throughput_gpu.json"

@@ -43,6 +43,7 @@ it, for TensorBoard / Perfetto).
 
 import argparse
 import collections
+import fnmatch
 import glob
 import gzip
 import json
@@ -67,10 +68,21 @@ from moe_jax.layers.experts import ExpertMlp  # noqa: E402
 from moe_jax.layers.moe import MoeLayer  # noqa: E402
 from moe_jax.layers.routing import SwitchRouter, TopKRouter  # noqa: E402
 
-PARTS = ("router", "dispatch", "experts", "combine", "other")
-# Checked in this order against the op_name's scopes (wi / wo: the dense FFN's matmuls).
-_SCOPES = (("router", "router"), ("dispatch", "dispatch"), ("combine", "combine"),
-           ("expert", "experts"), ("wi", "experts"), ("wo", "experts"))
+# Parts and the op_name scopes that mark them (fnmatch patterns over the op_name's "/"-separated
+# scopes), checked in order; an op matching none is "other".
+LAYER_PARTS = (("router", ("router", "router.*")), ("dispatch", ("dispatch",)),
+               ("combine", ("combine",)),
+               ("experts", ("expert", "wi", "wo")))  # wi / wo: the dense FFN's matmuls
+# A whole train step (benchmarks/train_throughput.py --profile): the MoE layers' parts first
+# (they sit inside "mlp"), then the rest of the Transformer, the loss, and "other" (mostly the
+# optimizer's update, which carries no module scope).
+STEP_PARTS = LAYER_PARTS[:3] + (
+    ("experts", ("expert",)),
+    ("norms", ("*_norm",)),  # before attention: "pre_self_attention_layer_norm"
+    ("attention", ("*attention*", "relpos_bias")),
+    ("dense mlp", ("mlp",)),
+    ("logits+loss", ("logits_head", "jvp()", "transpose(jvp())", "*take_along_axis*")),
+    ("embedding", ("token_embedder",)))
 _CONTAINERS = {"while", "conditional", "call"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -99,17 +111,20 @@ def hlo_instructions(hlo_text: str) -> dict:
   return table
 
 
-def classify(op_name: str) -> tuple[str, bool]:
+def classify(op_name: str, parts=LAYER_PARTS) -> tuple[str, bool]:
   """(part, is_backward) of an op from its op_name, e.g.
   'jit(step)/transpose(jvp(MoeLayer))/expert/wi/ENI,EIO->ENO/dot_general' -> ('experts', True).
   """
   scopes = op_name.split("/")
-  part = "other"
-  for scope, name in _SCOPES:
-    if scope in scopes or any(s.startswith(scope + ".") for s in scopes):
-      part = name
-      break
-  return part, "transpose(" in op_name
+  backward = "transpose(" in op_name
+  for part, patterns in parts:
+    if any(fnmatch.fnmatchcase(scope, pattern) for scope in scopes for pattern in patterns):
+      return part, backward
+  return "other", backward
+
+
+def part_names(parts=LAYER_PARTS) -> tuple:
+  return tuple(dict.fromkeys([p for p, _ in parts] + ["other"]))
 
 
 UNATTRIBUTED = "(unattributed)"  # device kernels naming no instruction of the module
@@ -157,13 +172,13 @@ def op_name(op: str, table: dict) -> str:
   return table[op][1] if op in table else ""
 
 
-def breakdown(times: dict, table: dict) -> dict:
+def breakdown(times: dict, table: dict, parts=LAYER_PARTS) -> dict:
   """{part: {"forward": s, "backward": s}} per step."""
-  parts = {p: {"forward": 0.0, "backward": 0.0} for p in PARTS}
+  out = {p: {"forward": 0.0, "backward": 0.0} for p in part_names(parts)}
   for op, seconds in times.items():
-    part, backward = classify(op_name(op, table))
-    parts[part]["backward" if backward else "forward"] += seconds
-  return parts
+    part, backward = classify(op_name(op, table), parts)
+    out[part]["backward" if backward else "forward"] += seconds
+  return out
 
 
 def read_trace(trace_dir: str) -> list:
@@ -174,37 +189,49 @@ def read_trace(trace_dir: str) -> list:
     return json.load(f)["traceEvents"]
 
 
-def profile(compiled, args_, steps: int, trace_dir: str):
-  """(wall s, {instruction: op s}, busy s (`op_times`), instruction table), per step."""
-  text = compiled.as_text()
-  table = hlo_instructions(text)
-  module = re.search(r"HloModule ([\w.\-]+)", text).group(1)
-  jax.block_until_ready(compiled(*args_))
+def profile(step, hlo_text: str, steps: int, trace_dir: str):
+  """(wall s, {instruction: op s}, busy s (`op_times`), instruction table), per step, of
+  `step()` (one step of the compiled module whose text is `hlo_text`, run to completion):
+  once to warm up, `steps` times timed, `steps` times traced."""
+  table = hlo_instructions(hlo_text)
+  module = re.search(r"HloModule ([\w.\-]+)", hlo_text).group(1)
+  step()
   walls = []
   for _ in range(steps):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args_))
+    step()
     walls.append(time.perf_counter() - start)
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(steps):
-      jax.block_until_ready(compiled(*args_))
+      step()
   times, busy_s = op_times(read_trace(trace_dir), module, table, steps)
   return float(np.median(walls)), times, busy_s, table
 
 
-def print_profile(name, wall_s, busy_s, parts, times, table, top):
+def print_profile(name, wall_s, busy_s, times, table, top, parts=LAYER_PARTS):
+  """The per-part table of one profile and its `top` ops; returns the breakdown."""
+  split = breakdown(times, table, parts)
   total = sum(times.values()) or 1.0
   print(f"\n{name}: {wall_s * 1e3:.1f} ms/step wall; ops {total * 1e3:.1f} ms in all, "
         f"some op running for {busy_s * 1e3:.1f} ms")
-  print(f"  {'part':<9} {'fwd ms':>8} {'bwd ms':>8} {'share':>6}")
-  for part in PARTS:
-    f, b = parts[part]["forward"], parts[part]["backward"]
-    if f or b:
-      print(f"  {part:<9} {f * 1e3:>8.1f} {b * 1e3:>8.1f} {(f + b) / total:>6.1%}")
+  print(f"  {'part':<11} {'fwd ms':>8} {'bwd ms':>8} {'share':>6}")
+  for part, t in split.items():
+    if t["forward"] or t["backward"]:
+      print(f"  {part:<11} {t['forward'] * 1e3:>8.1f} {t['backward'] * 1e3:>8.1f} "
+            f"{(t['forward'] + t['backward']) / total:>6.1%}")
   for op, seconds in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
-    part, backward = classify(op_name(op, table))
-    print(f"    {seconds * 1e3:8.2f} ms  {part:<8} {'bwd' if backward else 'fwd'}  {op}: "
+    part, backward = classify(op_name(op, table), parts)
+    print(f"    {seconds * 1e3:8.2f} ms  {part:<11} {'bwd' if backward else 'fwd'}  {op}: "
           f"{op_name(op, table)[-90:]}")
+  if times.get(UNATTRIBUTED, 0.0) > 0.1 * total:
+    print("  (over a tenth of the kernel time names no op: run with "
+          "XLA_FLAGS=--xla_gpu_enable_command_buffer= to attribute it)")
+  return split
+
+
+def top_ops(times: dict, table: dict, top: int) -> list:
+  return [dict(op=op, seconds=t, op_name=op_name(op, table))
+          for op, t in sorted(times.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def main():
@@ -266,22 +293,16 @@ def main():
         params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), inputs[0])["params"])
         compiled, compile_s, _ = bench.compile_step(layer, (params,) + inputs)
         trace_dir = os.path.join(args.trace_dir or scratch, name)
-        wall_s, times, busy_s, table = profile(compiled, (params,) + inputs, args.steps,
-                                               trace_dir)
+        step = lambda: jax.block_until_ready(compiled(params, *inputs))  # noqa: E731
+        wall_s, times, busy_s, table = profile(step, compiled.as_text(), args.steps, trace_dir)
       except Exception as e:  # noqa: BLE001 -- one broken backend must not end the run
         print(f"\n{name} FAILED: {type(e).__name__}: {e}", flush=True)
         records.append(dict(meta, backend=name, error=f"{type(e).__name__}: {e}"))
         continue
-      parts = breakdown(times, table)
-      print_profile(name, wall_s, busy_s, parts, times, table, args.top)
-      if times.get(UNATTRIBUTED, 0.0) > 0.1 * sum(times.values()):
-        print("  (over a tenth of the kernel time names no op: run with "
-              "XLA_FLAGS=--xla_gpu_enable_command_buffer= to attribute it)")
-      top = sorted(times.items(), key=lambda kv: -kv[1])[:args.top]
+      parts = print_profile(name, wall_s, busy_s, times, table, args.top)
       records.append(dict(
           meta, backend=name, compile_s=compile_s, wall_s=wall_s, op_s=sum(times.values()),
-          busy_s=busy_s, parts_s=parts,
-          top_ops=[dict(op=op, seconds=t, op_name=op_name(op, table)) for op, t in top]))
+          busy_s=busy_s, parts_s=parts, top_ops=top_ops(times, table, args.top)))
       with open(args.json, "w") as f:  # after every layer: a run cut short keeps its records
         json.dump(records, f, indent=1)
   print(f"\n{len(records)} records written to {args.json}")

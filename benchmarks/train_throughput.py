@@ -4,6 +4,7 @@
       [--dtype float32|bfloat16] [--repeats 5] [--backends einsum,gather,dropless]
       [--models dense_tiny,switch_tiny,top2_tiny,base] [--base_layers 2] [--base_experts 8,64]
       [--base_batch 8] [--base_length 128] [--gin NAME=VALUE ...] [--peak_flops F]
+      [--profile STEPS]
 
 Models: `configs/models/{dense,switch,top2}_tiny.gin` at `runs/pretrain.gin`'s batch (BATCH_SIZE
 32 x TASK_FEATURE_LENGTHS targets 128 = 4096 tokens a step), and "base": a Switch-Base-shaped
@@ -48,6 +49,13 @@ CPU's nominal peak, cores x GHz x FLOPs/cycle from /proc/cpuinfo (AVX-512 FMA: 3
 per FMA unit per cycle, 2 units assumed; AVX2: 16), is printed and recorded as
 `nominal_peak_flops` for reference. `--peak_flops` overrides both.
 Numbers are for the machine the script runs on; say which (and how loaded) when you quote them.
+
+`--profile STEPS`: after its timed steps, each case traces STEPS more and prints where they
+spend their time by part of the model (`benchmarks/profile_layer.py`'s STEP_PARTS: the MoE
+layers' router / dispatch / experts / combine, attention, dense MLPs, norms, logits + loss,
+embedding, and "other", mostly the optimizer's update), recorded as `profile_*` fields. On a
+GPU run it with XLA_FLAGS=--xla_gpu_enable_command_buffer= (`PARTS=trainprofile bash
+benchmarks/gpu.sh` does), or most kernels name no op.
 """
 
 import argparse
@@ -56,9 +64,11 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # profile_layer
 
 import gin  # noqa: E402
 import jax  # noqa: E402
@@ -71,6 +81,7 @@ from moe_jax.models import build_network  # noqa: E402
 from moe_jax.models.summary import param_table, summarize  # noqa: E402
 from moe_jax.train import partitioning, trainer  # noqa: E402
 from moe_jax.train.optimizers import build_optimizer, rsqrt_schedule  # noqa: E402
+import profile_layer  # noqa: E402
 
 RUN_FILE = "runs/pretrain.gin"
 TINY_MODELS = ("dense_tiny", "switch_tiny", "top2_tiny")
@@ -209,6 +220,27 @@ def compile_train_step(built, mesh):
   return compiled, state, data, compile_s, float(metrics["loss"])
 
 
+def profile_run(name, run, steps):
+  """Where `steps` train steps of one compiled case spend their time, by part of the model
+  (`profile_layer.STEP_PARTS`: the MoE layers' router / dispatch / experts / combine,
+  attention, dense MLPs, norms, logits + loss, embedding, other: mostly the optimizer);
+  printed, and returned as record fields."""
+  rng = jax.random.key(0)
+
+  def step():
+    run["state"], metrics = run["compiled"](run["state"], run["data"], rng)
+    jax.block_until_ready((run["state"], metrics))
+
+  with tempfile.TemporaryDirectory() as trace_dir:
+    wall_s, times, busy_s, table = profile_layer.profile(step, run["compiled"].as_text(),
+                                                         steps, trace_dir)
+  parts = profile_layer.print_profile(name, wall_s, busy_s, times, table, 10,
+                                      profile_layer.STEP_PARTS)
+  return dict(profile_steps=steps, profile_wall_s=wall_s, profile_op_s=sum(times.values()),
+              profile_busy_s=busy_s, profile_parts_s=parts,
+              profile_top_ops=profile_layer.top_ops(times, table, 10))
+
+
 def run_case(model, num_experts, gin_file, bindings, backends, args, mesh, peak, probe):
   """Records of one (model, E): every backend compiled, then interleaved timed repeats (the
   matmul probe timed in each round too: on CPU the peak is its median, under the same load).
@@ -254,6 +286,9 @@ def run_case(model, num_experts, gin_file, bindings, backends, args, mesh, peak,
                         mfu=meta["flops_per_token"] * tokens_per_s / peak,
                         last_loss=run["loss"], repeats=args.repeats, peak_flops=peak,
                         peak_source=source, matmul_flops=matmul))
+    if args.profile:  # after the timed steps, so that tracing never slows them
+      name = f"{model} E={meta['num_experts'] or '-'} {meta['backend']}"
+      records[-1].update(profile_run(name, run, args.profile))
   return records
 
 
@@ -293,6 +328,9 @@ def main():
   parser.add_argument("--gin", action="append", default=[], metavar="NAME=VALUE",
                       help="extra gin binding for every model (repeatable), e.g. "
                            "--gin \"MoeLayer.max_group_size=1024\"")
+  parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                      help="also trace STEPS steps of each case and print where the time goes "
+                           "by part of the model (benchmarks/profile_layer.py; default 0: off)")
   parser.add_argument("--peak_flops", type=float, default=None,
                       help="peak FLOP/s for MFU (default: device table, or measured on CPU)")
   args = parser.parse_args()
@@ -308,8 +346,8 @@ def main():
     parser.error(f"--models {bad} not among {TINY_MODELS + (BASE,)}")
   if [b for b in backends if b not in known]:
     parser.error(f"--backends {backends} not all among the library's dispatch backends {known}")
-  if args.repeats < 1 or args.base_layers < 2 or args.base_batch < 1:
-    parser.error("--repeats, --base_batch must be >= 1 and --base_layers >= 2")
+  if args.repeats < 1 or args.base_layers < 2 or args.base_batch < 1 or args.profile < 0:
+    parser.error("--repeats, --base_batch must be >= 1, --base_layers >= 2, --profile >= 0")
   if args.json is None:
     args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                              "train_throughput_quick.json" if args.quick

@@ -46,6 +46,29 @@ def test_classify(op_name, expected):
   assert pl.classify(op_name) == expected
 
 
+STEP = "jit(train_step)/jvp(SparseDecoderOnly)/decoder/layers_1/layers_1/"
+
+
+@pytest.mark.parametrize("op_name, expected", [
+    (STEP + "mlp/router/router_weights/w/dot_general", "router"),
+    (STEP + "mlp/dispatch/vmap(jit(_take))/gather", "dispatch"),
+    (STEP + "mlp/expert/wi_0/ENI,EIO->ENO/dot_general", "experts"),
+    (STEP + "mlp/combine/scatter-add", "combine"),
+    (STEP + "mlp/wi_1/dot_general", "dense mlp"),
+    (STEP + "pre_self_attention_layer_norm/mul", "norms"),
+    (STEP + "self_attention/query/dot_general", "attention"),
+    ("jit(train_step)/jvp(SparseDecoderOnly)/decoder/relpos_bias/gather", "attention"),
+    ("jit(train_step)/jvp(SparseDecoderOnly)/logits_head/token_embedder.attend/dot_general",
+     "logits+loss"),
+    ("jit(train_step)/jvp()/log", "logits+loss"),
+    ("jit(train_step)/jvp(SparseDecoderOnly)/token_embedder/jit(_take)/gather", "embedding"),
+    ("jit(train_step)/div", "other"),  # the optimizer's update
+])
+def test_classify_a_train_step(op_name, expected):
+  assert pl.classify(op_name, pl.STEP_PARTS)[0] == expected
+  assert pl.part_names(pl.STEP_PARTS)[-1] == "other"
+
+
 TABLE = {"dot.1": ("dot", "jit(step)/jvp(M)/expert/dot_general"),
          "fusion.2": ("fusion", "jit(step)/transpose(jvp(M))/combine/select_n"),
          "while.3": ("while", "jit(step)/jvp(M)/expert/while")}
@@ -99,7 +122,8 @@ def test_profile_charges_a_moe_layer_to_its_parts():
   args = (params, x, x, jax.random.key(2))
   compiled, _, _ = bench.compile_step(layer, args)
   with tempfile.TemporaryDirectory() as trace_dir:
-    wall_s, times, busy_s, table = pl.profile(compiled, args, 2, trace_dir)
+    wall_s, times, busy_s, table = pl.profile(
+        lambda: jax.block_until_ready(compiled(*args)), compiled.as_text(), 2, trace_dir)
   parts = pl.breakdown(times, table)
   for part in ("router", "dispatch", "experts", "combine"):
     assert parts[part]["forward"] > 0, part  # (a small backward op may fuse into a neighbour)

@@ -99,6 +99,30 @@ def measure_bandwidth(mib: int, repeats: int) -> float:
   return 2 * a.nbytes / float(np.median(times))
 
 
+def make_inputs(tokens: int, d_model: int, dtype):
+  """(x_BLD, dy_BLD, rng): unit-normal inputs and cotangent, [T / ROW_LENGTH, ROW_LENGTH, D]."""
+  shape = (tokens // ROW_LENGTH, ROW_LENGTH, d_model)
+  kx, kdy = jax.random.split(jax.random.key(0))
+  return (jax.random.normal(kx, shape, dtype), jax.random.normal(kdy, shape, dtype),
+          jax.random.key(2))
+
+
+def dense_layer(k: int, args, dtype) -> MlpBlock:
+  """The dense FFN of the MoE layer's active FLOPs: intermediate_dim = d_ff * k."""
+  return MlpBlock(intermediate_dim=args.d_ff * k, activations=ACTIVATIONS, dtype=dtype)
+
+
+def moe_layer(num_experts: int, k: int, args, dtype, **kwargs) -> MoeLayer:
+  """The benchmarked MoeLayer: SwitchRouter (k=1) or TopKRouter, ReLU ExpertMlp experts,
+  `args`' capacity factor and grouped matmul; kwargs (e.g. `dispatch`) go to MoeLayer."""
+  router = (SwitchRouter(kernel_init=ROUTER_INIT) if k == 1
+            else TopKRouter(k=k, kernel_init=ROUTER_INIT))
+  expert = ExpertMlp(intermediate_dim=args.d_ff, activations=ACTIVATIONS, dtype=dtype)
+  return MoeLayer(num_experts=num_experts, router=router, expert=expert,
+                  train_capacity_factor=args.capacity_factor, dtype=dtype,
+                  grouped_matmul=args.grouped_matmul, **kwargs)
+
+
 def make_step(layer):
   """(params, x_BLD, dy_BLD, rng) -> (y_BLD, (dparams, dx_BLD)): forward + backward, training
   path. The output is returned too, as the next layer would consume it: otherwise XLA drops
@@ -146,9 +170,6 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
   """Records (dense first) for one (E, k): compile each, then interleaved timed repeats."""
   x_BLD, dy_BLD, rng = inputs
   tokens, d_model = x_BLD.shape[0] * x_BLD.shape[1], x_BLD.shape[2]
-  router = (SwitchRouter(kernel_init=ROUTER_INIT) if k == 1
-            else TopKRouter(k=k, kernel_init=ROUTER_INIT))
-  expert = ExpertMlp(intermediate_dim=args.d_ff, activations=ACTIVATIONS, dtype=dtype)
   dense_compiled, dense_params, dense_info = dense
   compiled, params, info = {"dense": dense_compiled}, {"dense": dense_params}, {"dense": dense_info}
   inits = {}  # backends with the same parameter shapes share one initialisation
@@ -158,9 +179,7 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
   errors = []
   for b in backends:
     try:
-      layer = MoeLayer(num_experts=num_experts, router=router, expert=expert, dispatch=b,
-                       train_capacity_factor=args.capacity_factor, dtype=dtype,
-                       grouped_matmul=args.grouped_matmul)
+      layer = moe_layer(num_experts, k, args, dtype, dispatch=b)
       shapes = str(jax.eval_shape(layer.init, jax.random.key(1), x_BLD))
       if shapes not in inits:
         inits[shapes] = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x_BLD)["params"])
@@ -177,8 +196,8 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
   # forward + backward on [E, 1, rows, D], no routing, dispatch or combine) at the capacity
   # buffers' rows (what einsum and gather multiply) and at exactly T*k/E rows each (the dense
   # FFN's FLOPs, what a perfectly balanced dropless layer multiplies).
-  layer = MoeLayer(num_experts=num_experts, router=router, expert=expert,
-                   train_capacity_factor=args.capacity_factor)
+  layer = moe_layer(num_experts, k, args, dtype)
+  expert = layer.expert
   groups = num_groups(tokens, layer.max_group_size)  # one device: the layer's own grouping
   capacity_rows = groups * layer.capacity(tokens // groups, False)
   for name, rows in ((EXPERTS_AT_CAPACITY, capacity_rows),
@@ -279,10 +298,7 @@ def main():
   print(f"{'E':>4} {'k':>2} {'backend':>13} {'compile s':>9} {'ms/step':>9} {'/dense':>7} "
         f"{'temp MiB':>9} {'peak MiB':>9} {'floor ms':>9} {'floor/t':>7} {'dropped':>7}")
 
-  shape = (args.tokens // ROW_LENGTH, ROW_LENGTH, args.d_model)
-  kx, kdy = jax.random.split(jax.random.key(0))
-  inputs = (jax.random.normal(kx, shape, dtype), jax.random.normal(kdy, shape, dtype),
-            jax.random.key(2))
+  inputs = make_inputs(args.tokens, args.d_model, dtype)
   meta = dict(platform=device.platform, device=str(device.device_kind),
               host=platform.platform(), jax_version=jax.__version__,
               bandwidth_bytes_per_s=bandwidth, quick=quick)
@@ -290,7 +306,7 @@ def main():
   records = []
   for k in ks:
     # The dense baseline depends on k only: compile it once, time it again in every case.
-    mlp = MlpBlock(intermediate_dim=args.d_ff * k, activations=ACTIVATIONS, dtype=dtype)
+    mlp = dense_layer(k, args, dtype)
     dense_params = nn.unbox(jax.jit(mlp.init)(jax.random.key(1), inputs[0])["params"])
     fn, compile_s, memory = compile_step(mlp, (dense_params,) + inputs)
     dense = (fn, dense_params, dict(compile_s=compile_s, **memory, fraction_dropped=None,

@@ -63,10 +63,6 @@ import numpy as np  # noqa: E402
 
 import moe_layer as bench  # noqa: E402  (puts the repository on sys.path)
 from moe_jax.layers import dispatch as dispatch_lib  # noqa: E402
-from moe_jax.layers.dense import MlpBlock  # noqa: E402
-from moe_jax.layers.experts import ExpertMlp  # noqa: E402
-from moe_jax.layers.moe import MoeLayer  # noqa: E402
-from moe_jax.layers.routing import SwitchRouter, TopKRouter  # noqa: E402
 
 # Parts and the op_name scopes that mark them (fnmatch patterns over the op_name's "/"-separated
 # scopes), checked in order; an op matching none is "other".
@@ -106,8 +102,8 @@ def hlo_instructions(hlo_text: str) -> dict:
     else:
       rest = rest.split(" ", 1)[1] if " " in rest else ""
     opcode = rest.split("(", 1)[0].strip()
-    op_name = _OP_NAME.search(rest)
-    table[name] = (opcode, op_name.group(1) if op_name else "")
+    scope = _OP_NAME.search(rest)
+    table[name] = (opcode, scope.group(1) if scope else "")
   return table
 
 
@@ -266,19 +262,10 @@ def main():
         f"k={args.k} T={args.tokens} D={args.d_model} F={args.d_ff} cf={args.capacity_factor} "
         f"{args.dtype}, {args.steps} steps")
 
-  shape = (args.tokens // bench.ROW_LENGTH, bench.ROW_LENGTH, args.d_model)
-  kx, kdy = jax.random.split(jax.random.key(0))
-  inputs = (jax.random.normal(kx, shape, dtype), jax.random.normal(kdy, shape, dtype),
-            jax.random.key(2))
-  router = (SwitchRouter(kernel_init=bench.ROUTER_INIT) if args.k == 1
-            else TopKRouter(k=args.k, kernel_init=bench.ROUTER_INIT))
-  expert = ExpertMlp(intermediate_dim=args.d_ff, activations=bench.ACTIVATIONS, dtype=dtype)
-  layers = {"dense": MlpBlock(intermediate_dim=args.d_ff * args.k,
-                              activations=bench.ACTIVATIONS, dtype=dtype)}
+  inputs = bench.make_inputs(args.tokens, args.d_model, dtype)
+  layers = {"dense": bench.dense_layer(args.k, args, dtype)}
   for b in backends:
-    layers[b] = MoeLayer(num_experts=args.experts, router=router, expert=expert, dispatch=b,
-                         train_capacity_factor=args.capacity_factor, dtype=dtype,
-                         grouped_matmul=args.grouped_matmul)
+    layers[b] = bench.moe_layer(args.experts, args.k, args, dtype, dispatch=b)
 
   meta = dict(num_experts=args.experts, k=args.k, tokens=args.tokens, d_model=args.d_model,
               d_ff=args.d_ff, capacity_factor=args.capacity_factor, dtype=args.dtype,

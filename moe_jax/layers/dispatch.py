@@ -397,15 +397,22 @@ def _weight_window_sizes(num_rows: int, granule: int) -> list[int]:
 
 def _expert_weight_grad(x_RI, dy_RO, start, count, sizes):
   """dW [I, O] float32 of the expert whose rows are [start, start + count): ONE matmul over the
-  smallest window of `sizes` that holds them (`lax.switch`), other rows of x masked to zero."""
+  smallest window of `sizes` that holds them (`lax.switch`), the other rows of the narrower of
+  x and dy masked to zero (the mask is a copy of that operand's window)."""
   num_rows = x_RI.shape[0]
+  mask_x = x_RI.shape[1] <= dy_RO.shape[1]
 
   def window(size):
     def grad():
       lo = jnp.clip(start, 0, num_rows - size)
       row = lo + jnp.arange(size)
-      x_BI = jnp.where(((row >= start) & (row < start + count))[:, None], _rows(x_RI, lo, size), 0)
-      return jnp.matmul(x_BI.T, _rows(dy_RO, lo, size), preferred_element_type=jnp.float32)
+      keep = ((row >= start) & (row < start + count))[:, None]
+      x_BI, dy_BO = _rows(x_RI, lo, size), _rows(dy_RO, lo, size)
+      if mask_x:
+        x_BI = jnp.where(keep, x_BI, 0)
+      else:
+        dy_BO = jnp.where(keep, dy_BO, 0)
+      return jnp.matmul(x_BI.T, dy_BO, preferred_element_type=jnp.float32)
     return grad
 
   index = jnp.searchsorted(jnp.asarray(sizes), count, side="left")

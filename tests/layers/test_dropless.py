@@ -181,7 +181,8 @@ def test_sort_choices_by_hand():
     ((5, 3, 2, 1), 16),    # every expert below the smallest window: masked windows only
     ((20, 20, 20, 1), 64), # the smallest window is all 64 rows: one masked window each
 ])
-def test_grouped_matmul_by_hand(kernel, loads, block):
+@pytest.mark.parametrize("in_dim, out_dim", [(5, 3), (3, 5)])  # windows' dW masks dy / x
+def test_grouped_matmul_by_hand(kernel, loads, block, in_dim, out_dim):
   """SortedRows.matmul: each row times its expert's kernel, and the VJP, for skewed loads,
   empty experts and 3 invalid items (no row), against float64 numpy."""
   rng = np.random.RandomState(sum(loads))
@@ -189,8 +190,9 @@ def test_grouped_matmul_by_hand(kernel, loads, block):
   rng.shuffle(expert_M)
   rows = dispatch_lib.sort_rows(jnp.asarray(expert_M, jnp.int32), num_experts=4,
                                 block_size=block, grouped_matmul=kernel)
-  x_MI = rng.normal(0, 1, (len(expert_M), 5))
-  w_EIO, dy_MO = rng.normal(0, 1, (4, 5, 3)), rng.normal(0, 1, (len(expert_M), 3))
+  x_MI = rng.normal(0, 1, (len(expert_M), in_dim))
+  w_EIO = rng.normal(0, 1, (4, in_dim, out_dim))
+  dy_MO = rng.normal(0, 1, (len(expert_M), out_dim))
   valid = expert_M < 4
   want_y = np.where(valid[:, None], np.einsum("mi,mio->mo", x_MI, w_EIO[np.minimum(expert_M, 3)]),
                     0)

@@ -45,7 +45,8 @@ can be checked for degeneracy. A backend that fails to build or compile is print
 recorded with its `error`, and the sweep goes on.
 
 Memory-traffic floor: the bytes a forward + backward must move at least, over a bandwidth
-measured in the same process (median of `a + 1` on a large float32 array: read + write):
+measured in the same process (median of an in-place `a + 1` on a large float32 array: read +
+write):
 
     bytes = 3 * P + 4 * T * D * b_act
     P = E * (n_in + 1) * D * F * 4 + D * E * 4     (expert + router float32 params; dense: the
@@ -55,7 +56,8 @@ measured in the same process (median of `a + 1` on a large float32 array: read +
 
 floor_s = bytes / bandwidth; `floor_frac` = floor_s / median_s says how close a step is to it
 (1.0 = bandwidth-bound at the floor). Numbers are for the machine the script runs on: say which
-when you quote them (the JSON records platform and device).
+when you quote them (the JSON records platform, device and GLIBC_TUNABLES: on CPU the host
+allocator matters, README "Performance").
 """
 
 import argparse
@@ -87,14 +89,17 @@ MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in
 
 
 def measure_bandwidth(mib: int, repeats: int) -> float:
-  """Bytes per second of `a + 1` over a float32 array of `mib` MiB (one read + one write)."""
+  """Bytes per second of `a + 1` over a float32 array of `mib` MiB (one read + one write), in
+  place (the input donated): a fresh output buffer would time the host allocator's first-touch
+  page faults as well (on XLA:CPU with glibc's default allocator ~5-6 GB/s against ~40 GB/s
+  in place, 2-core CI machine), and the floor is the memory system's."""
   a = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
-  add = jax.jit(lambda a: a + 1.0)
-  jax.block_until_ready(add(a))
+  add = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+  a = jax.block_until_ready(add(a))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(add(a))
+    a = jax.block_until_ready(add(a))
     times.append(time.perf_counter() - start)
   return 2 * a.nbytes / float(np.median(times))
 
@@ -301,7 +306,8 @@ def main():
   inputs = make_inputs(args.tokens, args.d_model, dtype)
   meta = dict(platform=device.platform, device=str(device.device_kind),
               host=platform.platform(), jax_version=jax.__version__,
-              bandwidth_bytes_per_s=bandwidth, quick=quick)
+              bandwidth_bytes_per_s=bandwidth, quick=quick,
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   records = []
   for k in ks:

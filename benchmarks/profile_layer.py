@@ -271,7 +271,7 @@ def main():
               d_ff=args.d_ff, capacity_factor=args.capacity_factor, dtype=args.dtype,
               grouped_matmul=args.grouped_matmul, steps=args.steps, platform=device.platform,
               device=str(device.device_kind), host=platform.platform(),
-              jax_version=jax.__version__)
+              jax_version=jax.__version__, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   records = []
   with tempfile.TemporaryDirectory() as scratch:

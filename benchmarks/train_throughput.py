@@ -369,7 +369,8 @@ def main():
         f"{'mm GF/s':>8}")
   meta = dict(dtype=args.dtype, nominal_peak_flops=nominal, nominal_peak=nominal_how,
               platform=device.platform, device_kind=str(device.device_kind),
-              host=platform.platform(), jax_version=jax.__version__, quick=args.quick)
+              host=platform.platform(), jax_version=jax.__version__, quick=args.quick,
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
   mesh = partitioning.make_mesh((1, 1, 1))
   records = []

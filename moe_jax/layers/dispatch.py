@@ -20,10 +20,12 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
     expert's rows by its [I, O] kernel in windows of static power-of-two sizes (the largest
     first, each taken at most once by `lax.cond`: a binary decomposition of the expert's row
     count down to `block_size`, rounded up to a power of two), then one window of that size,
-    masked, for the rest. So most rows go through a few large matmuls and fewer than
-    `block_size` rows per expert are wasted. The VJP's dx is a scan of the same form; each
-    expert's dW is ONE matmul over a masked window from static sizes growing by 1.25x
-    (`lax.switch`), not a sum over its windows (each would read and write the [I, O] sum).
+    masked, for the rest; a larger window, masked, ends the decomposition early where the rows
+    left fill all but an eighth of it. So most rows go through a few large matmuls, and fewer
+    than `block_size` rows, or an eighth of a finishing window, per expert are wasted. The
+    VJP's dx is a scan of the same form; each expert's dW is ONE matmul over a masked window
+    from static sizes growing by 1.25x (`lax.switch`), not a sum over its windows (each would
+    read and write the [I, O] sum).
   "blocks" (GPU default): each expert's group is padded to a multiple of `block_size`
     rows (at most M + E*(block_size - 1) rows in all, M = G*S*K, a static bound), and a `lax.scan`
     over the blocks multiplies each by its expert's [I, O] kernel (a dynamic slice, never a
@@ -33,12 +35,13 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
 XLA:CPU lowers `ragged_dot` to a dense dot over every expert (E times the work), and a padded
 [E, max_rows, D] buffer needs max_rows = M to be dropless. On a 2-core CPU (float32, T=4096,
 d_model 512, d_ff 2048, top-1, forward + backward, against the dense FFN; benchmarks/RESULTS.md)
-windows ran 1.28x / 1.78x / 2.41x at E = 8 / 32 / 128 and blocks 1.33x / 2.06x / 2.97x: blocks
-pads (on average half a block per expert) and reads and writes its expert's whole dW slice for
-every block. On an H200 (jax 0.11.2, bf16, T=16384, d_model 768, d_ff 3072) `ragged_dot`'s
-temporaries grew with E as a dense dot's would (2.4 / 19 / 38 GiB at E = 8 / 64 / 128) and it
-ran 10x / 71x / 143x the dense FFN; blocks ran 32x / 43x (E = 8 / 64) in under 1 GiB (windows
-was not measured there): all are far behind `gather` on GPU, the backend to use there.
+windows ran 1.28x / 1.78x / 2.41x at E = 8 / 32 / 128 (before its early finish) and blocks
+1.33x / 2.06x / 2.97x: blocks pads (on average half a block per expert) and reads and writes its
+expert's whole dW slice for every block. On an H200 (jax 0.11.2, bf16, T=16384, d_model 768,
+d_ff 3072) `ragged_dot`'s temporaries grew with E as a dense dot's would (2.4 / 19 / 38 GiB at
+E = 8 / 64 / 128) and it ran 10x / 71x / 143x the dense FFN; blocks ran 32x / 43x (E = 8 / 64)
+in under 1 GiB (windows was not measured there): all are far behind `gather` on GPU, the backend
+to use there.
 
 Under a mesh, `moe_jax.layers.expert_parallel` runs the same steps per shard with explicit
 `shard_map` + `all_to_all` communication (expert parallelism).
@@ -314,24 +317,40 @@ def _window_sizes(num_rows: int, min_window: int) -> list[int]:
   return sizes
 
 
+# A window of size s may also finish an expert whose remaining rows fill all but s / 8 of it
+# (masked): fewer, larger matmuls (each window reads the expert's whole kernel) for at most that
+# waste. A/B in one process on the 2-core CPU (benchmarks/RESULTS.md): the dropless layer went
+# 1.127x -> 1.087x the dense FFN at E=8, 1.35 -> 1.32 at E=32, 1.06 -> 1.03 at E=8, k=2, for
+# ~1.5 s more compile per layer; s / 16 was no better than s / 8. 0: no early finish.
+FINISH_SLACK = 8
+
+
 def _cover_expert(start, count, sizes, piece, carry):
   """Calls `carry = piece(carry, lo, size, keep)` for windows covering one expert's rows
   [start, start + count): the static `sizes` largest first, each taken (`lax.cond`) while it
   fits in what is left (a binary decomposition: each at most once, as count < 2 * sizes[-1]),
-  then the smallest size once more for the rest (< sizes[0] rows), ending at the expert's last
-  row: it reaches back over rows done already or before `start`, and `keep` [size, 1] marks
-  the rows it owns (None for the exact windows). At most sizes[0] rows of work are wasted."""
+  or, where what is left fills all but size / FINISH_SLACK of it, as the last window; then the
+  smallest size once more for the rest (< sizes[0] rows). A last window ends at the expert's
+  last row: it reaches back over rows done already or before `start`, and `keep` [size, 1]
+  marks the rows it owns (None for the exact windows)."""
+  end = start + count
+
+  def last(carry, offset, size):
+    lo = jnp.maximum(end - size, 0)
+    row = lo + jnp.arange(size)
+    return piece(carry, lo, size, ((row >= offset) & (row < end))[:, None])
+
   offset, left = start, count
   for size in reversed(sizes):
     take = left >= size
     carry = jax.lax.cond(take, lambda c, lo=offset, n=size: piece(c, lo, n, None),
                          lambda c: c, carry)
     offset, left = offset + jnp.where(take, size, 0), left - jnp.where(take, size, 0)
-  end, size = offset + left, sizes[0]
-  lo = jnp.maximum(end - size, 0)
-  row = lo + jnp.arange(size)
-  keep = ((row >= offset) & (row < end))[:, None]
-  return jax.lax.cond(left > 0, lambda c: piece(c, lo, size, keep), lambda c: c, carry)
+    if FINISH_SLACK and size > sizes[0]:
+      finish = (left > 0) & (size - left <= size // FINISH_SLACK)
+      carry = jax.lax.cond(finish, lambda c, o=offset, n=size: last(c, o, n), lambda c: c, carry)
+      left = jnp.where(finish, 0, left)
+  return jax.lax.cond(left > 0, lambda c: last(c, offset, sizes[0]), lambda c: c, carry)
 
 
 def _expert_starts(sizes_E):
@@ -361,7 +380,8 @@ def _window_matmul(x_RI, w_EIO, sizes_E, min_window):
   expert e-1's); a scan over experts multiplies each expert's rows by its kernel in a few
   windows of static power-of-two sizes (`_window_sizes`, `_cover_expert`), so most work is in
   large matmuls and fewer rows than the smallest window (`min_window` rounded up to a power of
-  two) per expert are computed and masked away. Rows past the last expert's get zeros."""
+  two), or an eighth of a finishing window, per expert are computed and masked away. Rows past
+  the last expert's get zeros."""
   return _window_matmul_fwd(x_RI, w_EIO, sizes_E, min_window)[0]
 
 

@@ -215,6 +215,38 @@ def test_grouped_matmul_by_hand(kernel, loads, block, in_dim, out_dim):
   np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("start, count, want_windows", [
+    (5, 60, [(1, 64)]),           # 64 - 60 <= 64 / 8: one window, reaching back to row 1
+    (5, 40, [(5, 32), (37, 8)]),  # exact 32 + 8; 32 - 8 > 32 / 8: no early finish
+    (5, 30, [(3, 32)]),           # 32 - 30 <= 4: one window ending at row 35
+    (0, 13, [(0, 8), (5, 8)]),    # 8 exact, the 5 left in the smallest window, reaching back
+    (2, 3, [(0, 8)]),             # under the smallest window: clamped at row 0, past the end
+    (9, 0, []),
+])
+def test_cover_expert_windows(start, count, want_windows):
+  """The windows one expert's rows get from sizes 8..64: each row of the expert owned by exactly
+  one window, no other row, and the windows (lo, size) worked out by hand."""
+  sizes = [8, 16, 32, 64]
+  num_rows = 72
+  max_windows = 2 * len(sizes) + 1
+
+  def piece(carry, lo, size, keep):
+    owned_R, windows_W2, n = carry
+    row = jnp.arange(num_rows)
+    inside = (row >= lo) & (row < lo + size)
+    if keep is not None:
+      inside &= jnp.zeros(num_rows, bool).at[lo + jnp.arange(size)].set(keep[:, 0])
+    windows_W2 = windows_W2.at[n].set(jnp.stack([lo, size]))
+    return owned_R + inside, windows_W2, n + 1
+
+  init = (jnp.zeros(num_rows, jnp.int32), jnp.zeros((max_windows, 2), jnp.int32), jnp.int32(0))
+  owned, windows, n = _jit(lambda s, c: dispatch_lib._cover_expert(s, c, sizes, piece, init))(
+      jnp.int32(start), jnp.int32(count))
+  row = np.arange(num_rows)
+  np.testing.assert_array_equal(owned, (row >= start) & (row < start + count))
+  assert [tuple(w) for w in np.asarray(windows)[:int(n)]] == want_windows
+
+
 def test_weight_window_sizes_bound_the_waste():
   # Multiples of 8, each max(last + 8, 1.25 * last rounded up to 8), capped at the rows.
   assert dispatch_lib._weight_window_sizes(100, 8) == [8, 16, 24, 32, 40, 56, 72, 96, 100]

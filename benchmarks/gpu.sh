@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Accelerator benchmarks on one GPU, in order:
 #   1. benchmarks/moe_layer.py: MoeLayer fwd + bwd per dispatch backend vs dense, bfloat16,
-#      d_model 768, d_ff 3072, E in {8, 64, 128}, k in {1, 2}, T=16384 tokens.
+#      d_model 768, d_ff 3072, E in {8, 64, 128}, k in {1, 2}, T=16384 tokens; into
+#      moe_layer_gpu.json.
 #   2. (PARTS "windows") the dropless layer with the "windows" grouped matmul (the CPU default,
 #      not yet measured on a GPU), E in {8, 64}, k=1, into moe_layer_gpu_windows.json.
 #   3. benchmarks/train_throughput.py: train-step tokens/s and MFU of the Switch-Base-shaped
-#      decoder (12 layers, 6 sparse, E in {8, 64}, 32 x 512 tokens), bfloat16, per backend.
+#      decoder (12 layers, 6 sparse, E in {8, 64}, 32 x 512 tokens), bfloat16, per backend;
+#      into train_throughput_gpu.json.
 #   4. (PARTS "profile") benchmarks/profile_layer.py: where the gather and dropless layers'
 #      time goes against the dense FFN (router / dispatch / experts / combine, forward and
 #      backward, top kernels), E=8, k=1, the shapes of part 1, with XLA command buffers off so
@@ -18,9 +20,9 @@
 # compiles take 8-15 s at E >= 64), part 2 took ~220 s per E with three backends: the whole
 # script needs ~12 minutes, more than one 10-minute call; PARTS="layer" or PARTS="train" runs
 # one part ("layer windows profile train trainprofile" runs all five).
-# JSON goes to "$OUT" if set, else benchmarks/results/, as moe_layer_gpu.json and
-# train_throughput_gpu.json. Downloads nothing: the Python environment must already have a
-# CUDA-enabled jax (e.g. jax[cuda12]). Usage, from anywhere:
+# JSON goes to "$OUT" if set, else benchmarks/results/, under each part's file name above.
+# Downloads nothing: the Python environment must already have a CUDA-enabled jax (e.g.
+# jax[cuda12]). Usage, from anywhere:
 #   bash benchmarks/gpu.sh            # PYTHON=/path/to/python to choose the interpreter
 # Override the sizes with BASE_LAYERS, BASE_EXPERTS, BASE_BATCH, BASE_LENGTH, LAYER_TOKENS, and
 # the time limits (s) with LAYER_LIMIT (default 240), WINDOWS_LIMIT (150), PROFILE_LIMIT (120),
@@ -103,5 +105,5 @@ if [[ " $PARTS " == *" trainprofile "* ]]; then
     --json "$RESULTS/train_profile_gpu.json" "$@"
 fi
 
-echo "results: $RESULTS/moe_layer_gpu.json $RESULTS/train_throughput_gpu.json"
+echo "results: the JSON files named above, in $RESULTS"
 exit $STATUS

@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",  # moe_jax.convert reads Hugging Face checkpoints (numpy, no torch)
     "scikit-learn==1.9.1",  # the offline `digits` image task (load_digits ships in the wheel)
     "matplotlib==3.11.2",  # routing_report and study plots (PNG)
+    "scipy-openblas64==0.3.34.481.3",  # the CPU grouped matmul (moe_jax/layers/openblas_matmul.cc)
 ]
 
 setuptools.setup(
@@ -32,6 +33,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["moe_jax", "moe_jax.*"]),
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
+    package_data={"moe_jax.layers": ["*.cc"]},  # compiled on first use (openblas_matmul.py)
     # The same functions as scripts/*.py (gin files are found under the repo's configs/ in an
     # editable install, as `make install` does, or with --gin_search_paths).
     entry_points={"console_scripts": [

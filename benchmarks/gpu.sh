@@ -3,7 +3,7 @@
 #   1. benchmarks/moe_layer.py: MoeLayer fwd + bwd per dispatch backend vs dense, bfloat16,
 #      d_model 768, d_ff 3072, E in {8, 64, 128}, k in {1, 2}, T=16384 tokens; into
 #      moe_layer_gpu.json.
-#   2. (PARTS "windows") the dropless layer with the "windows" grouped matmul (the CPU default,
+#   2. (PARTS "windows") the dropless layer with the "windows" grouped matmul (XLA ops only,
 #      not yet measured on a GPU), E in {8, 64}, k=1, into moe_layer_gpu_windows.json.
 #   3. benchmarks/train_throughput.py: train-step tokens/s and MFU of the Switch-Base-shaped
 #      decoder (12 layers, 6 sparse, E in {8, 64}, 32 x 512 tokens), bfloat16, per backend;

@@ -9,7 +9,7 @@ capacity factor 1.25, MoeLayer's default max_group_size 4096 (so one routing gro
 `deterministic=False` (the training path), float32. Each case times every backend in
 `moe_jax.layers.dispatch.BACKENDS` as the dict stands at run time, plus "dropless" where the
 library has it (`dispatch.DROPLESS`, sorted rows, no capacity: its MoeLayer default kernel,
-ragged_dot on TPU, windows on CPU, blocks on GPU, or `--grouped_matmul`), and the dense `MlpBlock`
+ragged_dot on TPU, openblas on CPU, blocks on GPU, or `--grouped_matmul`), and the dense `MlpBlock`
 (ReLU, intermediate_dim = d_ff * k: the tokens' active FLOPs, without the router and the
 capacity slack; the MoE experts run on k * 1.25 * T buffer slots, i.e. 1.25x the dense FFN's
 matmul FLOPs, so ratio_to_dense ~1.25 is the best to hope for before routing and dispatch).

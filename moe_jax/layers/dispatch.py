@@ -16,7 +16,11 @@ matmul over the rows (`grouped_matmul`), and each token's rows are gathered back
 its gates (`dropless_combine`). No token is dropped whatever the load. Grouped matmul:
 
   "ragged_dot" (TPU default): `jax.lax.ragged_dot` over the rows, each expert's a group.
-  "windows" (CPU default): rows unpadded; a `lax.scan` over the experts multiplies each
+  "openblas" (CPU default): an XLA FFI custom call (`moe_jax.layers.openblas_matmul`, compiled
+    on first use) that runs single-threaded OpenBLAS sgemm on each expert's exact rows, in
+    chunks shared by XLA's intra-op threads; forward, dx and dW alike. Where it cannot be built
+    (no C++ compiler) the CPU default is "windows".
+  "windows" (CPU, XLA ops only): rows unpadded; a `lax.scan` over the experts multiplies each
     expert's rows by its [I, O] kernel in windows of static power-of-two sizes (the largest
     first, each taken at most once by `lax.cond`: a binary decomposition of the expert's row
     count down to `block_size`, rounded up to a power of two), then one window of that size,
@@ -35,13 +39,15 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
 XLA:CPU lowers `ragged_dot` to a dense dot over every expert (E times the work), and a padded
 [E, max_rows, D] buffer needs max_rows = M to be dropless. On a 2-core CPU (float32, T=4096,
 d_model 512, d_ff 2048, top-1, forward + backward, against the dense FFN; benchmarks/RESULTS.md)
-windows ran 1.28x / 1.78x / 2.41x at E = 8 / 32 / 128 (before its early finish) and blocks
+openblas ran 0.92x / 1.10x / 1.96x at E = 8 / 32 / 128, windows 1.09x / 1.34x / 2.4x (its
+copies, masks and zero-fills: XLA ops cannot multiply a dynamic row range in place) and blocks
 1.33x / 2.06x / 2.97x: blocks pads (on average half a block per expert) and reads and writes its
-expert's whole dW slice for every block. On an H200 (jax 0.11.2, bf16, T=16384, d_model 768,
-d_ff 3072) `ragged_dot`'s temporaries grew with E as a dense dot's would (2.4 / 19 / 38 GiB at
-E = 8 / 64 / 128) and it ran 10x / 71x / 143x the dense FFN; blocks ran 32x / 43x (E = 8 / 64)
-in under 1 GiB (windows was not measured there): all are far behind `gather` on GPU, the backend
-to use there.
+expert's whole dW slice for every block. (OpenBLAS's sgemm is also faster than XLA:CPU's dot
+there: a dense FFN forward + backward in numpy took 282 ms against XLA's 341 ms.) On an H200
+(jax 0.11.2, bf16, T=16384, d_model 768, d_ff 3072) `ragged_dot`'s temporaries grew with E as a
+dense dot's would (2.4 / 19 / 38 GiB at E = 8 / 64 / 128) and it ran 10x / 71x / 143x the dense
+FFN; blocks ran 32x / 43x (E = 8 / 64) in under 1 GiB (windows was not measured there): all are
+far behind `gather` on GPU, the backend to use there.
 
 Under a mesh, `moe_jax.layers.expert_parallel` runs the same steps per shard with explicit
 `shard_map` + `all_to_all` communication (expert parallelism).
@@ -56,6 +62,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moe_jax.layers import openblas_matmul
 from moe_jax.layers.routing import RouterOutput, TokenChoices
 
 
@@ -108,13 +115,17 @@ BACKENDS = {
 }
 
 DROPLESS = "dropless"
-GROUPED_MATMULS = ("ragged_dot", "windows", "blocks")
+GROUPED_MATMULS = ("ragged_dot", "openblas", "windows", "blocks")
+UNPADDED = ("ragged_dot", "openblas")  # no block, no window: rows as sorted
 
 
 def default_grouped_matmul() -> str:
-  """ragged_dot on TPU (a grouped kernel there), windows on CPU, blocks on GPU: the fastest
-  of each platform's measured kernels (module docstring)."""
-  return {"tpu": "ragged_dot", "cpu": "windows"}.get(jax.default_backend(), "blocks")
+  """ragged_dot on TPU (a grouped kernel there), openblas on CPU (windows where it cannot be
+  built), blocks on GPU: the fastest of each platform's measured kernels (module docstring)."""
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "windows" if openblas_matmul.unavailable_reason() else "openblas"
+  return "ragged_dot" if backend == "tpu" else "blocks"
 
 
 # `MoeLayer.dropless_block_size=None`: rows per block of blocks, of the smallest window of
@@ -129,8 +140,8 @@ def dropless_block_size(num_choices: int, num_experts: int, max_block_size: int 
                         grouped_matmul: str) -> int:
   """Rows per block (blocks) or of the smallest window (windows): <= max_block_size (None:
   `DEFAULT_BLOCK_SIZES`), and no more than the power of two >= M / E, so that tiny layers do
-  not pad every expert to a large block; 1 for ragged_dot (no padding)."""
-  if grouped_matmul == "ragged_dot":
+  not pad every expert to a large block; 1 for the unpadded kernels."""
+  if grouped_matmul in UNPADDED:
     return 1
   if max_block_size is None:
     max_block_size = DEFAULT_BLOCK_SIZES[grouped_matmul]
@@ -187,6 +198,8 @@ class SortedRows:
   def _local_matmul(self, x_RI, w_EIO, expert_N, sizes_E):
     if self.grouped_matmul == "ragged_dot":
       return jax.lax.ragged_dot(x_RI, w_EIO, sizes_E)
+    if self.grouped_matmul == "openblas":
+      return openblas_matmul.grouped_matmul(x_RI, w_EIO, sizes_E)
     if self.grouped_matmul == "windows":
       return _window_matmul(x_RI, w_EIO, sizes_E, self.block_size)
     return _block_matmul(x_RI, w_EIO, expert_N)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import expert_parallel
+from moe_jax.layers import openblas_matmul
 from moe_jax.layers import routing
 from moe_jax.layers.dense import MlpBlock
 from moe_jax.layers.experts import ExpertMlp
@@ -78,8 +79,9 @@ class MoeLayer(nn.Module):
   Dropless (`dispatch="dropless"`, MegaBlocks, Gale et al. 2022, arXiv:2211.15841; see
   `moe_jax.layers.dispatch`): tokens-choose routers only (called with `capacity=None` they
   return their `TokenChoices` unbuffered); capacity factors are not read and
-  `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "windows" / "blocks",
-  None: by platform: ragged_dot on TPU, windows on CPU, blocks on GPU) and
+  `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "openblas" / "windows" /
+  "blocks", None: by platform: ragged_dot on TPU, openblas on CPU (windows where it cannot be
+  built; asking for it there is refused), blocks on GPU) and
   `dropless_block_size` (rows per block of blocks, of the smallest window of windows; None:
   128 for blocks, 8 for windows, `dispatch.DEFAULT_BLOCK_SIZES`) choose the kernel.
   Decoding works as it is (no capacity, so each token's output is its own: causal by
@@ -132,6 +134,8 @@ class MoeLayer(nn.Module):
     if self.grouped_matmul not in (None, *dispatch_lib.GROUPED_MATMULS):
       raise ValueError(f"MoeLayer.grouped_matmul must be None or one of "
                        f"{dispatch_lib.GROUPED_MATMULS}, got {self.grouped_matmul!r}")
+    if self.grouped_matmul == "openblas" and (why := openblas_matmul.unavailable_reason()):
+      raise ValueError(f"MoeLayer.grouped_matmul='openblas' is unavailable here: {why}")
     if self.dropless_block_size is not None and self.dropless_block_size < 1:
       raise ValueError(f"MoeLayer.dropless_block_size must be >= 1 or None, got "
                        f"{self.dropless_block_size}")

@@ -264,6 +264,7 @@ def test_weight_window_sizes_bound_the_waste():
     (4096, 8, 1000, "windows", 512),   # a given size, capped the same way
     (4096, 8, 16, "blocks", 16),
     (4096, 8, None, "ragged_dot", 1),  # no padding
+    (4096, 8, None, "openblas", 1),
 ])
 def test_dropless_block_size(num_choices, num_experts, given, kernel, want):
   assert dispatch_lib.dropless_block_size(num_choices, num_experts, given, kernel) == want
@@ -279,8 +280,26 @@ def test_bad_config_is_refused_by_name(kwargs, culprit):
     _layer(**{"router": routing.SwitchRouter(), "dispatch": "dropless", **kwargs})
 
 
+def test_openblas_unavailable_is_refused_by_name_and_not_the_default(monkeypatch, tmp_path):
+  """Without a C++ compiler the openblas kernel cannot be built: asking for it names the layer
+  field and the compiler; the CPU default falls back to windows."""
+  from moe_jax.layers import openblas_matmul  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("CXX", "no-such-compiler++")
+  monkeypatch.setenv("MOE_JAX_CACHE_DIR", str(tmp_path))  # nothing built there
+  openblas_matmul.unavailable_reason.cache_clear()
+  try:
+    with pytest.raises(ValueError, match=r"MoeLayer\.grouped_matmul='openblas'.*no-such-compiler"):
+      _layer(router=routing.SwitchRouter(), dispatch="dropless", grouped_matmul="openblas")
+    assert dispatch_lib.default_grouped_matmul() == "windows"
+  finally:
+    monkeypatch.undo()
+    openblas_matmul.unavailable_reason.cache_clear()
+  assert dispatch_lib.default_grouped_matmul() == "openblas"
+
+
 @pytest.mark.parametrize("mesh_shape, kernel", [((2, 4, 1), "blocks"), ((1, 4, 2), "windows"),
-                                                ((2, 2, 2), "ragged_dot"), ((4, 1, 2), "blocks")])
+                                                ((2, 2, 2), "ragged_dot"), ((4, 1, 2), "blocks"),
+                                                ((1, 4, 2), "openblas")])
 def test_expert_parallel_equals_one_device(mesh_shape, kernel):
   """On 8 devices (data, expert, model) the dropless layer, whose rows move to their expert's
   shard by explicit all-to-all, gives one device's outputs, aux losses and gradients (params

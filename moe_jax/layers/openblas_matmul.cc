@@ -1,0 +1,125 @@
+// The "openblas" grouped matmul of moe_jax.layers.dispatch: an XLA FFI custom call (CPU) that
+// multiplies each expert's rows by its kernel with single-threaded OpenBLAS sgemm calls over the
+// EXACT row ranges (no padding, mask or copy), split into chunks that XLA's intra-op thread pool
+// and the calling thread take in turn. Built on first use by moe_jax/layers/openblas_matmul.py.
+//
+// Rows are sorted by expert, unpadded: expert e owns rows [start_e, start_e + sizes[e]),
+// start_e = sizes[0] + ... + sizes[e-1] (clipped to the R rows). Modes (attribute "mode"):
+//   0 (forward):  out[R, O]    = a[R, I] @ b[E, I, O] by expert; rows past the last get 0.
+//   1 (dx):       out[R, I]    = a[R, O] @ b[E, I, O]^T by expert; rows past the last get 0.
+//   2 (dW):       out[E, I, O] = a[R, I]^T @ b[R, O] over each expert's rows; 0 for no rows.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+extern "C" {
+// scipy-openblas64: ILP64 (64-bit integers), symbols prefixed "scipy_" and suffixed "64_".
+void scipy_cblas_sgemm64_(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                          float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                          float beta, float* c, int64_t ldc);
+void scipy_openblas_set_num_threads64_(int num_threads);
+}
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+// Rows per chunk (modes 0, 1) and output columns per chunk (mode 2): large enough for sgemm to
+// run near its peak, small enough that an expert's work splits over the threads.
+constexpr int64_t kChunkRows = 256, kChunkCols = 512;
+
+struct Chunk {
+  int64_t expert, row, rows, col, cols;
+};
+
+// Shared by the calling thread and the pool's helpers; a helper that starts after the last
+// chunk was taken finds nothing to do, so the caller never waits for a task that has not begun.
+struct Work {
+  std::vector<Chunk> chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                         ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> out,
+                         int32_t mode) {
+  static const bool single_threaded = (scipy_openblas_set_num_threads64_(1), true);
+  (void)single_threaded;  // the threads are XLA's: OpenBLAS's own pool would compete for cores
+  if (mode < 0 || mode > 2) return ffi::Error::InvalidArgument("mode must be 0, 1 or 2");
+  const auto a_dims = a.dimensions(), b_dims = b.dimensions();
+  const int64_t num_experts = sizes.element_count(), num_rows = a_dims[0];
+  const int64_t in_dim = mode == 2 ? a_dims[1] : b_dims[1];
+  const int64_t out_dim = mode == 2 ? b_dims[1] : b_dims[2];
+  const float* A = a.typed_data();
+  const float* B = b.typed_data();
+  float* C = out->typed_data();
+
+  auto work = std::make_shared<Work>();
+  int64_t start = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t rows = std::clamp<int64_t>(sizes.typed_data()[e], 0, num_rows - start);
+    if (mode == 2) {
+      for (int64_t col = 0; col < out_dim; col += kChunkCols)
+        work->chunks.push_back({e, start, rows, col, std::min(kChunkCols, out_dim - col)});
+    } else {
+      for (int64_t row = start; row < start + rows; row += kChunkRows)
+        work->chunks.push_back({e, row, std::min(kChunkRows, start + rows - row), 0, 0});
+    }
+    start += rows;
+  }
+  if (mode != 2) {
+    const int64_t width = mode == 0 ? out_dim : in_dim;
+    std::memset(C + start * width, 0, sizeof(float) * (num_rows - start) * width);
+  }
+
+  const int64_t total = work->chunks.size();
+  auto run = [work, total, mode, in_dim, out_dim, A, B, C] {
+    for (int64_t i; (i = work->next.fetch_add(1)) < total;) {
+      const Chunk& c = work->chunks[i];
+      const float* w = B + c.expert * in_dim * out_dim;
+      if (mode == 0) {
+        scipy_cblas_sgemm64_(kRowMajor, kNoTrans, kNoTrans, c.rows, out_dim, in_dim, 1.f,
+                             A + c.row * in_dim, in_dim, w, out_dim, 0.f, C + c.row * out_dim,
+                             out_dim);
+      } else if (mode == 1) {
+        scipy_cblas_sgemm64_(kRowMajor, kNoTrans, kTrans, c.rows, in_dim, out_dim, 1.f,
+                             A + c.row * out_dim, out_dim, w, out_dim, 0.f, C + c.row * in_dim,
+                             in_dim);
+      } else {
+        float* dw = C + c.expert * in_dim * out_dim + c.col;
+        if (c.rows == 0) {
+          for (int64_t r = 0; r < in_dim; ++r) std::memset(dw + r * out_dim, 0, sizeof(float) * c.cols);
+        } else {
+          scipy_cblas_sgemm64_(kRowMajor, kTrans, kNoTrans, in_dim, c.cols, c.rows, 1.f,
+                               A + c.row * in_dim, in_dim, B + c.row * out_dim + c.col, out_dim,
+                               0.f, dw, out_dim);
+        }
+      }
+      work->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([run] { run(); });
+  run();
+  while (work->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeJaxGroupedMatmul, GroupedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("mode"));

@@ -232,7 +232,9 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
     records.append(dict(
         base, backend=name, dense_intermediate_dim=args.d_ff * k,
         capacity_factor=args.capacity_factor, dtype=args.dtype, repeats=args.repeats,
-        calls_per_repeat=args.calls, grouped_matmul=args.grouped_matmul,
+        calls_per_repeat=args.calls,
+        grouped_matmul=((args.grouped_matmul or dispatch_lib.default_grouped_matmul())
+                        if name == dispatch_lib.DROPLESS else None),
         median_s=median, min_s=float(np.min(times[name])), dense_median_s=dense_median,
         ratio_to_dense=median / dense_median, floor_bytes=floor_bytes,
         floor_s=floor_bytes / bandwidth, floor_frac=floor_bytes / bandwidth / median,

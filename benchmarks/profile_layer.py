@@ -269,7 +269,8 @@ def main():
 
   meta = dict(num_experts=args.experts, k=args.k, tokens=args.tokens, d_model=args.d_model,
               d_ff=args.d_ff, capacity_factor=args.capacity_factor, dtype=args.dtype,
-              grouped_matmul=args.grouped_matmul, steps=args.steps, platform=device.platform,
+              grouped_matmul=args.grouped_matmul or dispatch_lib.default_grouped_matmul(),
+              steps=args.steps, platform=device.platform,
               device=str(device.device_kind), host=platform.platform(),
               jax_version=jax.__version__, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
   os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -82,8 +82,9 @@ class MoeLayer(nn.Module):
   `fraction_dropped` is exactly 0. `grouped_matmul` ("ragged_dot" / "openblas" / "windows" /
   "blocks", None: by platform: ragged_dot on TPU, openblas on CPU (windows where it cannot be
   built; asking for it there is refused), blocks on GPU) and
-  `dropless_block_size` (rows per block of blocks, of the smallest window of windows; None:
-  128 for blocks, 8 for windows, `dispatch.DEFAULT_BLOCK_SIZES`) choose the kernel.
+  `dropless_block_size` (rows per block of blocks, of the smallest window of windows, unused by
+  the others; None: 128 for blocks, 8 for windows, `dispatch.DEFAULT_BLOCK_SIZES`) choose the
+  kernel.
   Decoding works as it is (no capacity, so each token's output is its own: causal by
   construction; no cache is kept). Under a mesh it is expert-parallel by explicit all-to-all
   (`moe_jax.layers.expert_parallel`).

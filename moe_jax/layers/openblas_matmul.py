@@ -9,6 +9,8 @@ compiler `$CXX` (default g++) against jaxlib's FFI headers into a cache director
 (`$MOE_JAX_CACHE_DIR`, default ~/.cache/moe_jax), keyed by its source, the command and jaxlib's
 version; `unavailable_reason()` says why it cannot be used (no compiler, a failed build, not
 CPU), and the dispatch then defaults to "windows". float32 inside: other dtypes are cast.
+First-order gradients only (the custom call has no derivative of its own); under `jax.vmap` it
+runs once per mapped element.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def _register(library):
 
 
 def _call(mode: int, a, b, sizes_E, out_shape):
-  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32))(
-      a, b, sizes_E.astype(jnp.int32), mode=np.int32(mode))
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method="sequential")(a, b, sizes_E.astype(jnp.int32),
+                                                    mode=np.int32(mode))
 
 
 @jax.custom_vjp

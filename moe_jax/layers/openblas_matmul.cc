@@ -17,6 +17,8 @@
 #include <thread>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -32,13 +34,28 @@ void scipy_openblas_set_num_threads64_(int num_threads);
 namespace {
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-// Rows per chunk (modes 0, 1) and output columns per chunk (mode 2): large enough for sgemm to
-// run near its peak, small enough that an expert's work splits over the threads.
-constexpr int64_t kChunkRows = 256, kChunkCols = 512;
+// Rows per chunk (modes 0, 1) and output elements per chunk (mode 2, whole rows of an expert's
+// [I, O] gradient): large enough for sgemm to run near its peak, small enough that an expert's
+// work splits over the threads.
+constexpr int64_t kChunkRows = 256, kChunkElements = 512 * 512;
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux >= 5.14; older kernels refuse it and fault as usual
+#endif
 
 struct Chunk {
-  int64_t expert, row, rows, col, cols;
+  int64_t expert, row, rows, in_row, in_rows;  // rows of a (and the output); mode 2: rows of I
 };
+
+// Faults in a chunk's output pages in one call before sgemm writes them: outputs are fresh
+// memory at every step (glibc maps large blocks anew), and page by page that is up to half of
+// a weight gradient's time at E=128. Each thread does its own chunks, so it stays parallel.
+void Populate(float* data, int64_t elements) {
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t lo = (begin + kPage - 1) & ~(kPage - 1);
+  const uintptr_t hi = (begin + sizeof(float) * elements) & ~(kPage - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+}
 
 // Shared by the calling thread and the pool's helpers; a helper that starts after the last
 // chunk was taken finds nothing to do, so the caller never waits for a task that has not begun.
@@ -67,8 +84,9 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t rows = std::clamp<int64_t>(sizes.typed_data()[e], 0, num_rows - start);
     if (mode == 2) {
-      for (int64_t col = 0; col < out_dim; col += kChunkCols)
-        work->chunks.push_back({e, start, rows, col, std::min(kChunkCols, out_dim - col)});
+      const int64_t step = std::max<int64_t>(1, kChunkElements / out_dim);
+      for (int64_t in_row = 0; in_row < in_dim; in_row += step)
+        work->chunks.push_back({e, start, rows, in_row, std::min(step, in_dim - in_row)});
     } else {
       for (int64_t row = start; row < start + rows; row += kChunkRows)
         work->chunks.push_back({e, row, std::min(kChunkRows, start + rows - row), 0, 0});
@@ -86,21 +104,24 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
       const Chunk& c = work->chunks[i];
       const float* w = B + c.expert * in_dim * out_dim;
       if (mode == 0) {
+        Populate(C + c.row * out_dim, c.rows * out_dim);
         scipy_cblas_sgemm64_(kRowMajor, kNoTrans, kNoTrans, c.rows, out_dim, in_dim, 1.f,
                              A + c.row * in_dim, in_dim, w, out_dim, 0.f, C + c.row * out_dim,
                              out_dim);
       } else if (mode == 1) {
+        Populate(C + c.row * in_dim, c.rows * in_dim);
         scipy_cblas_sgemm64_(kRowMajor, kNoTrans, kTrans, c.rows, in_dim, out_dim, 1.f,
                              A + c.row * out_dim, out_dim, w, out_dim, 0.f, C + c.row * in_dim,
                              in_dim);
       } else {
-        float* dw = C + c.expert * in_dim * out_dim + c.col;
+        float* dw = C + (c.expert * in_dim + c.in_row) * out_dim;  // contiguous rows of I
+        Populate(dw, c.in_rows * out_dim);
         if (c.rows == 0) {
-          for (int64_t r = 0; r < in_dim; ++r) std::memset(dw + r * out_dim, 0, sizeof(float) * c.cols);
+          std::memset(dw, 0, sizeof(float) * c.in_rows * out_dim);
         } else {
-          scipy_cblas_sgemm64_(kRowMajor, kTrans, kNoTrans, in_dim, c.cols, c.rows, 1.f,
-                               A + c.row * in_dim, in_dim, B + c.row * out_dim + c.col, out_dim,
-                               0.f, dw, out_dim);
+          scipy_cblas_sgemm64_(kRowMajor, kTrans, kNoTrans, c.in_rows, out_dim, c.rows, 1.f,
+                               A + c.row * in_dim + c.in_row, in_dim, B + c.row * out_dim,
+                               out_dim, 0.f, dw, out_dim);
         }
       }
       work->done.fetch_add(1, std::memory_order_release);

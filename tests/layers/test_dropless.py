@@ -275,6 +275,28 @@ def test_openblas_under_vmap_is_each_element_alone():
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
+@NEEDS_COMPILER
+def test_openblas_splits_large_experts_into_chunks():
+  """Experts of 300 and 257 rows (chunks of 256 rows: forward, dx) and a [300, 1000] weight
+  gradient (chunks of 262 rows of I), an empty expert in between and 43 rows past the last."""
+  from moe_jax.layers import openblas_matmul  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(10)
+  sizes = np.asarray([0, 300, 257, 100, 0], np.int32)
+  x, w, dy = rng.normal(0, 1, (700, 300)), rng.normal(0, 1, (5, 300, 1000)), rng.normal(0, 1, (700, 1000))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  y, vjp = jax.vjp(lambda x, w: openblas_matmul.grouped_matmul(x, w, sizes), f32(x), f32(w))
+  dx, dw = vjp(f32(dy))
+  want_y, want_dx, want_dw = np.zeros((700, 1000)), np.zeros((700, 300)), np.zeros(w.shape)
+  start = 0
+  for e, n in enumerate(sizes):
+    rows = slice(start, start + n)
+    want_y[rows], want_dx[rows] = x[rows] @ w[e], dy[rows] @ w[e].T
+    want_dw[e] = x[rows].T @ dy[rows]
+    start += n
+  for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
 def test_weight_window_sizes_bound_the_waste():
   # Multiples of 8, each max(last + 8, 1.25 * last rounded up to 8), capped at the rows.
   assert dispatch_lib._weight_window_sizes(100, 8) == [8, 16, 24, 32, 40, 56, 72, 96, 100]

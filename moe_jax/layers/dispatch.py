@@ -39,7 +39,7 @@ its gates (`dropless_combine`). No token is dropped whatever the load. Grouped m
 XLA:CPU lowers `ragged_dot` to a dense dot over every expert (E times the work), and a padded
 [E, max_rows, D] buffer needs max_rows = M to be dropless. On a 2-core CPU (float32, T=4096,
 d_model 512, d_ff 2048, top-1, forward + backward, against the dense FFN; benchmarks/RESULTS.md)
-openblas ran 0.92x / 1.10x / 1.96x at E = 8 / 32 / 128, windows 1.09x / 1.34x / 2.4x (its
+openblas ran 0.96x / 1.12x / 1.82x at E = 8 / 32 / 128, windows 1.09x / 1.34x / 2.4x (its
 copies, masks and zero-fills: XLA ops cannot multiply a dynamic row range in place) and blocks
 1.33x / 2.06x / 2.97x: blocks pads (on average half a block per expert) and reads and writes its
 expert's whole dW slice for every block. (OpenBLAS's sgemm is also faster than XLA:CPU's dot

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -38,7 +39,7 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 // [I, O] gradient): large enough for sgemm to run near its peak, small enough that an expert's
 // work splits over the threads.
 constexpr int64_t kChunkRows = 256, kChunkElements = 512 * 512;
-#ifndef MADV_POPULATE_WRITE
+#if defined(__linux__) && !defined(MADV_POPULATE_WRITE)
 #define MADV_POPULATE_WRITE 23  // Linux >= 5.14; older kernels refuse it and fault as usual
 #endif
 
@@ -50,11 +51,13 @@ struct Chunk {
 // memory at every step (glibc maps large blocks anew), and page by page that is up to half of
 // a weight gradient's time at E=128. Each thread does its own chunks, so it stays parallel.
 void Populate(float* data, int64_t elements) {
-  constexpr uintptr_t kPage = 4096;
+#ifdef MADV_POPULATE_WRITE
+  static const uintptr_t kPage = sysconf(_SC_PAGESIZE);
   const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
   const uintptr_t lo = (begin + kPage - 1) & ~(kPage - 1);
   const uintptr_t hi = (begin + sizeof(float) * elements) & ~(kPage - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+#endif
 }
 
 // Shared by the calling thread and the pool's helpers; a helper that starts after the last

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from moe_jax.layers import dispatch as dispatch_lib
-from moe_jax.layers import moe, noisy_routing, routing
+from moe_jax.layers import moe, noisy_routing, openblas_matmul, routing
 from moe_jax.layers.experts import ExpertMlp
 
 E, D, F, B, L = 4, 8, 16, 2, 16
@@ -260,7 +260,6 @@ def test_cover_expert_windows(start, count, want_windows):
 @NEEDS_COMPILER
 def test_openblas_under_vmap_is_each_element_alone():
   """Three stacks of rows under jax.vmap (sizes differ per element; rows past the last get 0)."""
-  from moe_jax.layers import openblas_matmul  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(9)
   x, w = rng.normal(0, 1, (3, 10, 4)), rng.normal(0, 1, (3, 2, 4, 5))
   sizes = np.asarray([[4, 6], [7, 0], [0, 2]], np.int32)
@@ -279,10 +278,10 @@ def test_openblas_under_vmap_is_each_element_alone():
 def test_openblas_splits_large_experts_into_chunks():
   """Experts of 300 and 257 rows (chunks of 256 rows: forward, dx) and a [300, 1000] weight
   gradient (chunks of 262 rows of I), an empty expert in between and 43 rows past the last."""
-  from moe_jax.layers import openblas_matmul  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(10)
   sizes = np.asarray([0, 300, 257, 100, 0], np.int32)
-  x, w, dy = rng.normal(0, 1, (700, 300)), rng.normal(0, 1, (5, 300, 1000)), rng.normal(0, 1, (700, 1000))
+  x, w = rng.normal(0, 1, (700, 300)), rng.normal(0, 1, (5, 300, 1000))
+  dy = rng.normal(0, 1, (700, 1000))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   y, vjp = jax.vjp(lambda x, w: openblas_matmul.grouped_matmul(x, w, sizes), f32(x), f32(w))
   dx, dw = vjp(f32(dy))
@@ -333,7 +332,6 @@ def test_bad_config_is_refused_by_name(kwargs, culprit):
 def test_openblas_unavailable_is_refused_by_name_and_not_the_default(monkeypatch, tmp_path):
   """Without a C++ compiler the openblas kernel cannot be built: asking for it names the layer
   field and the compiler; the CPU default falls back to windows."""
-  from moe_jax.layers import openblas_matmul  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("CXX", "no-such-compiler++")
   monkeypatch.setenv("MOE_JAX_CACHE_DIR", str(tmp_path))  # nothing built there
   openblas_matmul.unavailable_reason.cache_clear()

@@ -125,7 +125,8 @@ def moe_layer(num_experts: int, k: int, args, dtype, **kwargs) -> MoeLayer:
   expert = ExpertMlp(intermediate_dim=args.d_ff, activations=ACTIVATIONS, dtype=dtype)
   return MoeLayer(num_experts=num_experts, router=router, expert=expert,
                   train_capacity_factor=args.capacity_factor, dtype=dtype,
-                  grouped_matmul=args.grouped_matmul, **kwargs)
+                  grouped_matmul=args.grouped_matmul, buffer_matmul=args.buffer_matmul,
+                  **kwargs)
 
 
 def make_step(layer):
@@ -235,6 +236,8 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
         calls_per_repeat=args.calls,
         grouped_matmul=((args.grouped_matmul or dispatch_lib.default_grouped_matmul())
                         if name == dispatch_lib.DROPLESS else None),
+        buffer_matmul=((args.buffer_matmul or dispatch_lib.default_buffer_matmul(name))
+                       if name in dispatch_lib.BACKENDS else None),
         median_s=median, min_s=float(np.min(times[name])), dense_median_s=dense_median,
         ratio_to_dense=median / dense_median, floor_bytes=floor_bytes,
         floor_s=floor_bytes / bandwidth, floor_frac=floor_bytes / bandwidth / median,
@@ -272,6 +275,9 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--grouped_matmul", default=None, choices=dispatch_lib.GROUPED_MATMULS,
                       help="dropless kernel (default: the library's per-platform choice)")
+  parser.add_argument("--buffer_matmul", default=None, choices=dispatch_lib.BUFFER_MATMULS,
+                      help="the einsum / gather experts' matmul (default: the library's "
+                           "choice, openblas for gather on CPU)")
   args = parser.parse_args()
   quick = args.quick
   args.repeats = args.repeats or (3 if quick else 5)

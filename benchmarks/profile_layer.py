@@ -242,6 +242,7 @@ def main():
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--grouped_matmul", default=None, choices=dispatch_lib.GROUPED_MATMULS)
+  parser.add_argument("--buffer_matmul", default=None, choices=dispatch_lib.BUFFER_MATMULS)
   parser.add_argument("--steps", type=int, default=10, help="profiled (and timed) steps")
   parser.add_argument("--top", type=int, default=8, help="ops listed per backend")
   parser.add_argument("--trace_dir", default=None, help="keep the traces here")
@@ -270,6 +271,7 @@ def main():
   meta = dict(num_experts=args.experts, k=args.k, tokens=args.tokens, d_model=args.d_model,
               d_ff=args.d_ff, capacity_factor=args.capacity_factor, dtype=args.dtype,
               grouped_matmul=args.grouped_matmul or dispatch_lib.default_grouped_matmul(),
+              buffer_matmul=args.buffer_matmul or dispatch_lib.default_buffer_matmul("gather"),
               steps=args.steps, platform=device.platform,
               device=str(device.device_kind), host=platform.platform(),
               jax_version=jax.__version__, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))

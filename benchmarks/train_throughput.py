@@ -191,6 +191,22 @@ def build_case(gin_file, bindings, backend, args):
           gin.query_parameter("%NUM_MICROBATCHES"), batch, length)
 
 
+def expert_kernel(backend):
+  """The experts' matmul of this backend's MoE layers as gin now binds them (the library's
+  per-platform default unless `--gin` chose one); None for a dense model."""
+  if backend is None:
+    return None
+  if backend == dispatch_lib.DROPLESS:
+    field, default = "grouped_matmul", dispatch_lib.default_grouped_matmul
+  else:
+    field, default = "buffer_matmul", lambda: dispatch_lib.default_buffer_matmul(backend)
+  try:
+    bound = gin.query_parameter(f"MoeLayer.{field}")
+  except ValueError:
+    bound = None
+  return bound or default()
+
+
 def synthetic_batch(batch, length, vocab, mesh):
   targets = np.random.default_rng(0).integers(1, vocab, (batch, length), dtype=np.int32)
   inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
@@ -255,7 +271,8 @@ def run_case(model, num_experts, gin_file, bindings, backends, args, mesh, peak,
       flops, n_active = model_flops_per_token(network, length)
       compiled, state, data, compile_s, first_loss = compile_train_step(built, mesh)
       runs[backend] = dict(compiled=compiled, state=state, data=data, times=[], meta=dict(
-          model=model, backend=backend or "none", num_experts=moe and moe["num_experts"],
+          model=model, backend=backend or "none", expert_kernel=expert_kernel(backend),
+          num_experts=moe and moe["num_experts"],
           k=moe and moe["experts_per_token"], batch=batch, length=length,
           num_layers=network.decoder.num_layers, d_model=network.embed_dim,
           num_params=info["num_params"], active_params_per_token=info["active_params_per_token"],

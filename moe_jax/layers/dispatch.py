@@ -9,6 +9,14 @@ same routing; they differ in cost:
 `dispatch` returns expert inputs x_EGCD; `combine` returns y_GSD. Empty slots contribute exactly
 0, so a token that every chosen expert dropped gets exactly 0 (the residual carries it).
 
+The experts' matmul over the buffers (`BUFFER_MATMULS`, `MoeLayer.buffer_matmul`): "xla", one
+batched einsum over every slot, or "openblas" (CPU, one device; the default for gather there),
+the native kernel of `moe_jax.layers.openblas_matmul` over each buffer's FILLED slots only
+(`FilledSlots`): the capacity factor's empty slots cost no FLOPs. On a 2-core CPU (float32,
+T=4096, d_model 512, d_ff 2048, top-1, capacity factor 1.25, forward + backward, against the
+dense FFN) gather ran 0.98x / 1.16x / 1.79x at E = 8 / 32 / 128 with it and 1.23x / 1.36x /
+2.45x with XLA's einsum.
+
 "dropless" (`DROPLESS`, not in `BACKENDS`: it has no capacity and no buffers; MegaBlocks, Gale
 et al. 2022, arXiv:2211.15841): every token's k (expert, gate) choices (`TokenChoices`) are
 sorted by expert into R rows (`sort_choices` -> `SortedRows`), the experts run as ONE grouped
@@ -59,6 +67,7 @@ import functools
 import math
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 from flax import struct
 
@@ -113,6 +122,22 @@ BACKENDS = {
     "einsum": (einsum_dispatch, einsum_combine),
     "gather": (gather_dispatch, gather_combine),
 }
+
+# The experts' matmul over capacity buffers (dispatch "einsum" / "gather"): XLA's batched
+# einsum over every slot, or the native kernel over the filled slots only (`FilledSlots`).
+BUFFER_MATMULS = ("xla", "openblas")
+
+
+def default_buffer_matmul(dispatch: str) -> str:
+  """openblas for gather on one CPU device where it can be built; xla otherwise, and always
+  for einsum (the reference). GSPMD cannot partition the custom call over a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  one_device = mesh.empty or mesh.size == 1
+  if (dispatch == "gather" and one_device and jax.default_backend() == "cpu"
+      and openblas_matmul.unavailable_reason() is None):
+    return "openblas"
+  return "xla"
+
 
 DROPLESS = "dropless"
 GROUPED_MATMULS = ("ragged_dot", "openblas", "windows", "blocks")
@@ -172,16 +197,17 @@ class SortedRows:
   grouped_matmul: str = struct.field(pytree_node=False)
   row_axes: tuple = struct.field(pytree_node=False, default=())
 
-  def matmul(self, x_RI, w_EIO, mesh_axes_EIO=(None, None, None)):
+  def matmul(self, x_RI, w_EIO, logical_axes_EIO=None):
     """Each row times its expert's kernel: y_RO[r] = x_RI[r] @ w_EIO[expert of r].
 
-    With `row_axes`, per shard under `shard_map`: `mesh_axes_EIO` says how w is sharded (its
-    experts on the expert axis; a sharded I is summed over its axis, a sharded O stays split).
+    With `row_axes`, per shard under `shard_map`: w's logical axes `logical_axes_EIO` say how
+    it is sharded (its experts on the expert axis; a sharded I is summed over its axis, a
+    sharded O stays split).
     """
     if not self.row_axes:
       return self._local_matmul(x_RI, w_EIO, self.expert_N, self.group_sizes_E)
     P = jax.sharding.PartitionSpec
-    e_axis, i_axis, o_axis = mesh_axes_EIO
+    e_axis, i_axis, o_axis = nn.logical_to_mesh_axes(logical_axes_EIO)
     if i_axis is not None and jax.sharding.get_abstract_mesh().shape[i_axis] == 1:
       i_axis = None  # nothing to sum over
 
@@ -203,6 +229,38 @@ class SortedRows:
     if self.grouped_matmul == "windows":
       return _window_matmul(x_RI, w_EIO, sizes_E, self.block_size)
     return _block_matmul(x_RI, w_EIO, expert_N)
+
+
+@struct.dataclass
+class FilledSlots:
+  """Capacity buffers x_EGCD whose experts run over the FILLED slots only (`matmul`).
+
+  extent_EG: [E, G] int32, one past the last filled slot of expert e's buffer in group g (0
+  for none). Slots are filled in order, so every slot past the extent is empty (zeros in x),
+  and its output is set to zeros, which is what the FFN gives an all-zero row (no biases, and
+  every activation maps 0 to 0). The "openblas" buffer matmul (CPU, one device).
+  """
+  extent_EG: jax.Array
+
+  @property
+  def num_experts(self) -> int:
+    return self.extent_EG.shape[0]
+
+  def matmul(self, x_EGCI, w_EIO, logical_axes_EIO=None):
+    """y_EGCO = x_EGCI @ w_EIO[e] over each buffer's filled slots, zeros past them."""
+    del logical_axes_EIO  # one device: nothing is sharded
+    num_experts, groups, capacity, in_dim = x_EGCI.shape
+    y_RO = openblas_matmul.grouped_matmul(x_EGCI.reshape(-1, in_dim), w_EIO,
+                                          self.extent_EG.reshape(-1), stride=capacity)
+    return y_RO.reshape(num_experts, groups, capacity, -1)
+
+
+def filled_slots(routing: RouterOutput) -> FilledSlots:
+  """Each buffer's extent: one past its last valid slot (a hole before it is computed)."""
+  capacity = routing.valid_GEC.shape[-1]
+  slot_number = jnp.arange(1, capacity + 1, dtype=jnp.int32)
+  extent_GE = jnp.max(jnp.where(routing.valid_GEC, slot_number, 0), axis=-1)
+  return FilledSlots(extent_GE.T)
 
 
 def sort_rows(expert_M, num_experts: int, block_size: int, grouped_matmul: str,

@@ -88,6 +88,13 @@ class MoeLayer(nn.Module):
   Decoding works as it is (no capacity, so each token's output is its own: causal by
   construction; no cache is kept). Under a mesh it is expert-parallel by explicit all-to-all
   (`moe_jax.layers.expert_parallel`).
+
+  `buffer_matmul` (dispatch "einsum" / "gather"): "xla" multiplies every capacity slot in one
+  batched einsum; "openblas" (CPU, one device) only each buffer's filled slots, by the native
+  kernel (`dispatch.FilledSlots`): the same outputs and gradients. None: openblas for gather on
+  one CPU device where the kernel can be built, xla otherwise and for the einsum reference.
+  Asking for openblas where it cannot be built is refused here, on a mesh of several devices
+  when the layer runs (GSPMD cannot partition the custom call).
   """
   num_experts: int = 8
   router: routing.Router = routing.SwitchRouter()
@@ -102,6 +109,7 @@ class MoeLayer(nn.Module):
   expert_capacity: Optional[int] = None
   num_shared_experts: int = 0
   grouped_matmul: Optional[str] = None
+  buffer_matmul: Optional[str] = None
   dropless_block_size: Optional[int] = None
 
   def __post_init__(self):
@@ -137,6 +145,11 @@ class MoeLayer(nn.Module):
                        f"{dispatch_lib.GROUPED_MATMULS}, got {self.grouped_matmul!r}")
     if self.grouped_matmul == "openblas" and (why := openblas_matmul.unavailable_reason()):
       raise ValueError(f"MoeLayer.grouped_matmul='openblas' is unavailable here: {why}")
+    if self.buffer_matmul not in (None, *dispatch_lib.BUFFER_MATMULS):
+      raise ValueError(f"MoeLayer.buffer_matmul must be None or one of "
+                       f"{dispatch_lib.BUFFER_MATMULS}, got {self.buffer_matmul!r}")
+    if self.buffer_matmul == "openblas" and (why := openblas_matmul.unavailable_reason()):
+      raise ValueError(f"MoeLayer.buffer_matmul='openblas' is unavailable here: {why}")
     if self.dropless_block_size is not None and self.dropless_block_size < 1:
       raise ValueError(f"MoeLayer.dropless_block_size must be >= 1 or None, got "
                        f"{self.dropless_block_size}")
@@ -202,7 +215,7 @@ class MoeLayer(nn.Module):
                                           local_axes)
     # All-to-all: groups go from ('data', 'expert') shards to 'data' only, experts onto 'expert'.
     x_EGCD = nn.with_logical_constraint(x_EGCD, expert_axes)
-    y_EGCD = nn.with_logical_constraint(self.expert(x_EGCD, deterministic=deterministic),
+    y_EGCD = nn.with_logical_constraint(self._buffer_experts(x_EGCD, routes, deterministic),
                                         expert_axes)
     # All-to-all back: experts leave 'expert', groups return to their batch shards; the
     # combine then runs on local data.
@@ -211,6 +224,19 @@ class MoeLayer(nn.Module):
       y_GSD = nn.with_logical_constraint(combine(y_EGCD, routes, group_size),
                                          ("batch", "unmodeled", "embed"))
     return self._finish(y_GSD, x_BLD, deterministic)
+
+  def _buffer_experts(self, x_EGCD, routes, deterministic):
+    """y_EGCD: the experts over every slot (xla) or over the filled slots only (openblas)."""
+    kernel = self.buffer_matmul or (dispatch_lib.default_buffer_matmul(self.dispatch)
+                                    if isinstance(self.expert, ExpertMlp) else "xla")
+    if kernel == "xla":
+      return self.expert(x_EGCD, deterministic=deterministic)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not (mesh.empty or mesh.size == 1):
+      raise ValueError(f"MoeLayer.buffer_matmul='openblas' runs on one device, but the mesh "
+                       f"has {mesh.size} (GSPMD cannot partition the custom call): use 'xla'")
+    return self.expert(x_EGCD, deterministic=deterministic,
+                       rows=dispatch_lib.filled_slots(routes))
 
   def _dropless(self, x_GSD, mask_GS, deterministic):
     """Routes every token to all its valid choices: sort by expert, grouped matmul, unsort.

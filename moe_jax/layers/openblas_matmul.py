@@ -86,38 +86,46 @@ def _register(library):
                               platform="cpu")
 
 
-def _call(mode: int, a, b, sizes_E, out_shape):
+def _call(mode: int, a, b, sizes_S, stride: int, out_shape):
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                          vmap_method="sequential")(a, b, sizes_E.astype(jnp.int32),
-                                                    mode=np.int32(mode))
+                          vmap_method="sequential")(a, b, sizes_S.astype(jnp.int32),
+                                                    mode=np.int32(mode), stride=np.int64(stride))
 
 
-@jax.custom_vjp
-def _grouped_matmul(x_RI, w_EIO, sizes_E):
-  return _call(FORWARD, x_RI, w_EIO, sizes_E, (x_RI.shape[0], w_EIO.shape[-1]))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped_matmul(x_RI, w_EIO, sizes_S, stride):
+  return _call(FORWARD, x_RI, w_EIO, sizes_S, stride, (x_RI.shape[0], w_EIO.shape[-1]))
 
 
-def _grouped_matmul_fwd(x_RI, w_EIO, sizes_E):
-  return _grouped_matmul(x_RI, w_EIO, sizes_E), (x_RI, w_EIO, sizes_E)
+def _grouped_matmul_fwd(x_RI, w_EIO, sizes_S, stride):
+  return _grouped_matmul(x_RI, w_EIO, sizes_S, stride), (x_RI, w_EIO, sizes_S)
 
 
-def _grouped_matmul_bwd(residuals, dy_RO):
-  x_RI, w_EIO, sizes_E = residuals
-  dx_RI = _call(INPUT_GRAD, dy_RO, w_EIO, sizes_E, x_RI.shape)
-  dw_EIO = _call(WEIGHT_GRAD, x_RI, dy_RO, sizes_E, w_EIO.shape)
+def _grouped_matmul_bwd(stride, residuals, dy_RO):
+  x_RI, w_EIO, sizes_S = residuals
+  dx_RI = _call(INPUT_GRAD, dy_RO, w_EIO, sizes_S, stride, x_RI.shape)
+  dw_EIO = _call(WEIGHT_GRAD, x_RI, dy_RO, sizes_S, stride, w_EIO.shape)
   return dx_RI, dw_EIO, None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
-def grouped_matmul(x_RI, w_EIO, sizes_E):
-  """y_RO: rows sorted by expert, unpadded (expert e's `sizes_E[e]` rows follow expert e-1's),
-  each times its expert's kernel; rows past the last expert's get zeros. Differentiable in x
-  and w; computed in float32, returned in their result type."""
+def grouped_matmul(x_RI, w_EIO, sizes_S, stride: int = 0):
+  """y_RO: each segment's rows times its expert's kernel, zeros in every other row.
+
+  The R rows hold S = E * n segments, segment s of expert s // n (`sizes_S[s]` rows each).
+  stride 0: back to back (rows sorted by expert, unpadded: expert e's rows follow expert
+  e-1's). stride > 0: segment s starts at row s * stride and fills its first `sizes_S[s]`
+  rows (capacity buffers [E, G, C] flattened: stride C, n = G). Differentiable in x and w;
+  computed in float32, returned in their result type.
+  """
+  if sizes_S.shape[0] % w_EIO.shape[0]:
+    raise ValueError(f"grouped_matmul: {sizes_S.shape[0]} segment sizes are not a multiple of "
+                     f"the {w_EIO.shape[0]} experts")
   reason = unavailable_reason()
   if reason is not None:
     raise RuntimeError(f"grouped_matmul='openblas' is unavailable: {reason}")
   out_dtype = jnp.result_type(x_RI, w_EIO)
-  y_RO = _grouped_matmul(x_RI.astype(jnp.float32), w_EIO.astype(jnp.float32), sizes_E)
+  y_RO = _grouped_matmul(x_RI.astype(jnp.float32), w_EIO.astype(jnp.float32), sizes_S, stride)
   return y_RO.astype(out_dtype)

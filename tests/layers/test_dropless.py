@@ -5,9 +5,6 @@ whenever gather drops nothing, and otherwise equal each token's dense mixture of
 experts, recomputed in float64 numpy from the parameters.
 """
 
-import os
-import shutil
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,15 +14,11 @@ import pytest
 from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import moe, noisy_routing, openblas_matmul, routing
 from moe_jax.layers.experts import ExpertMlp
+from tests.layers.compiler import HAS_COMPILER, NEEDS_COMPILER, OPENBLAS
 
 E, D, F, B, L = 4, 8, 16, 2, 16
 S = L
 
-# The openblas kernel is built on first use with a C++ compiler; without one it cannot run (a
-# build that fails with a compiler present is a failure, not a skip).
-HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
-NEEDS_COMPILER = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
-OPENBLAS = pytest.param("openblas", marks=NEEDS_COMPILER)
 KERNELS = [OPENBLAS if k == "openblas" else k for k in dispatch_lib.GROUPED_MATMULS]
 
 
@@ -294,6 +287,44 @@ def test_openblas_splits_large_experts_into_chunks():
     start += n
   for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("sizes, stride, extra_rows, in_dim, out_dim", [
+    # 4 experts x 2 segments of 6 rows: full, partial, empty, over-full (clipped to 6); expert
+    # 3 has no rows (dW 0); 5 rows past the last segment.
+    ([6, 2, 0, 9, 3, 0, 0, 0], 6, 5, 7, 5),
+    # Segments of 300 and 257 rows (chunks of 256 rows) and dW in chunks of 262 rows of I.
+    ([300, 257, 10, 0], 300, 0, 300, 1000),
+])
+def test_openblas_strided_segments_by_hand(sizes, stride, extra_rows, in_dim, out_dim):
+  """Capacity buffers (stride > 0): segment s starts at row s * stride and only its first
+  sizes[s] rows are multiplied (expert s // n); every other row, whatever it holds, is ignored
+  and gets zeros; dW sums an expert's segments."""
+  rng = np.random.RandomState(11)
+  num_experts, per_expert = 4 if len(sizes) == 8 else 2, 2
+  num_rows = len(sizes) * stride + extra_rows
+  x, dy = rng.normal(0, 1, (num_rows, in_dim)), rng.normal(0, 1, (num_rows, out_dim))
+  w = rng.normal(0, 1, (num_experts, in_dim, out_dim))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  sizes = np.asarray(sizes, np.int32)
+  y, vjp = jax.vjp(lambda x, w: openblas_matmul.grouped_matmul(x, w, sizes, stride=stride),
+                   f32(x), f32(w))
+  dx, dw = vjp(f32(dy))
+  want_y, want_dx = np.zeros((num_rows, out_dim)), np.zeros((num_rows, in_dim))
+  want_dw = np.zeros(w.shape)
+  for s, n in enumerate(np.minimum(sizes, stride)):
+    e, rows = s // per_expert, slice(s * stride, s * stride + n)
+    want_y[rows], want_dx[rows] = x[rows] @ w[e], dy[rows] @ w[e].T
+    want_dw[e] += x[rows].T @ dy[rows]
+  for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
+def test_openblas_segments_must_be_a_multiple_of_the_experts():
+  with pytest.raises(ValueError, match="3 segment sizes are not a multiple of the 2 experts"):
+    openblas_matmul.grouped_matmul(jnp.zeros((6, 4)), jnp.zeros((2, 4, 5)),
+                                   jnp.asarray([2, 2, 2]), stride=2)
 
 
 def test_weight_window_sizes_bound_the_waste():

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from moe_jax.layers import dispatch as dispatch_lib
-from moe_jax.layers import moe, routing
+from moe_jax.layers import moe, openblas_matmul, routing
 from moe_jax.layers.experts import ExpertMlp
 from moe_jax.train import partitioning
+from tests.layers.compiler import HAS_COMPILER, NEEDS_COMPILER, OPENBLAS
 
 E, D, F, B, L = 4, 8, 16, 2, 16
 S = L  # max_group_size = L: one group per sequence
@@ -139,6 +140,7 @@ def test_num_groups(num_tokens, max_group_size, multiple, expected):
     ({"num_experts": 0}, "num_experts"),
     ({"max_group_size": 0}, "max_group_size"),
     ({"min_expert_capacity": -1}, "min_expert_capacity"),
+    ({"buffer_matmul": "einsum"}, r"MoeLayer\.buffer_matmul"),
 ])
 def test_invalid_config_names_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
@@ -268,11 +270,13 @@ def test_padding_tokens_output_zero_use_no_capacity_and_skip_losses(dispatch):
     routing.SwitchRouter(), routing.TopKRouter(k=2), routing.ExpertChoiceRouter()],
     ids=["switch", "top2", "expert_choice"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_einsum_and_gather_backends_agree(router, padded):
+@pytest.mark.parametrize("buffer_matmul", ["xla", OPENBLAS])
+def test_einsum_and_gather_backends_agree(router, padded, buffer_matmul):
   x = _x(seed=3)
   mask = jnp.asarray(np.arange(L)[None, :] < np.array([[11], [16]])) if padded else None
   einsum_layer = _layer(router, dispatch="einsum", eval_capacity_factor=0.5)
-  gather_layer = _layer(router, dispatch="gather", eval_capacity_factor=0.5)
+  gather_layer = _layer(router, dispatch="gather", eval_capacity_factor=0.5,
+                        buffer_matmul=buffer_matmul)
   params = _params()
   y_einsum, _, routes = _run(einsum_layer, params, x, mask)
   y_gather, _, _ = _run(gather_layer, params, x, mask)
@@ -385,6 +389,70 @@ def test_router_gradient_through_combine_weights(dispatch):
     c = r_ND[n] @ _expert_ffn(params, x_ND[n], e, ("relu",))
     expected += np.outer(x_ND[n], c * probs[n, e] * (np.eye(E)[e] - probs[n]))
   np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- the experts over the filled slots only (buffer_matmul="openblas") -------------------------
+
+
+def test_filled_slots_extend_to_the_last_valid_slot():
+  valid_GEC = np.array([[[True, True, False, False], [False, False, False, False]],
+                        [[True, False, True, False], [True, True, True, True]]])
+  routes = routing.RouterOutput(jnp.zeros(valid_GEC.shape, jnp.int32),
+                                jnp.zeros(valid_GEC.shape), jnp.asarray(valid_GEC), None)
+  extent_EG = dispatch_lib.filled_slots(routes).extent_EG
+  # [E, G]: expert 0 fills 2 slots in group 0 and up to slot 2 in group 1 (slot 1 a hole,
+  # computed with the rest); expert 1 none, then all 4.
+  np.testing.assert_array_equal(extent_EG, [[2, 3], [0, 4]])
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("router", [
+    routing.SwitchRouter(), routing.TopKRouter(k=2), routing.ExpertChoiceRouter()],
+    ids=["switch", "top2", "expert_choice"])
+def test_gather_over_filled_slots_equals_every_slot(router):
+  """Outputs and gradients (params, x) of gather whose experts skip the empty slots equal
+  XLA's einsum over every slot: 2 groups (an expert's dW sums two buffers), padding, drops."""
+  x = _x(seed=4)
+  mask = jnp.asarray(np.arange(L)[None, :] < np.array([[13], [16]]))
+  r_BLD = jnp.asarray(np.random.RandomState(5).normal(0, 1, (B, L, D)), jnp.float32)
+  params = _params(seed=4, activations=("gelu", "linear"))
+  results = {}
+  for kernel in ("xla", "openblas"):
+    layer = _layer(router, dispatch="gather", eval_capacity_factor=0.75, buffer_matmul=kernel,
+                   expert=ExpertMlp(intermediate_dim=F, activations=("gelu", "linear")))
+    loss = lambda p, x, layer=layer: jnp.sum(_run(layer, p, x, mask)[0] * r_BLD)
+    results[kernel] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  (want, want_grads), (got, got_grads) = results["xla"], results["openblas"]
+  assert abs(float(want)) > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    assert np.abs(w).max() > 0
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+
+
+def test_buffer_matmul_default_and_refusals(monkeypatch, tmp_path):
+  """openblas by default for gather on one CPU device (where the kernel builds), xla for the
+  einsum reference and on a mesh of several devices, where asking for openblas is refused
+  by name; without a compiler it is refused by name and xla is the default."""
+  assert dispatch_lib.default_buffer_matmul("einsum") == "xla"
+  assert dispatch_lib.default_buffer_matmul("gather") == ("openblas" if HAS_COMPILER else "xla")
+  mesh = partitioning.make_mesh((2, 4, 1))
+  with jax.set_mesh(mesh), partitioning.axis_rules():
+    assert dispatch_lib.default_buffer_matmul("gather") == "xla"
+    if HAS_COMPILER:
+      layer = _layer(dispatch="gather", buffer_matmul="openblas", max_group_size=4)
+      with pytest.raises(ValueError, match=r"MoeLayer\.buffer_matmul='openblas'.*8"):
+        jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((8, 4, D)))
+  monkeypatch.setenv("CXX", "no-such-compiler++")
+  monkeypatch.setenv("MOE_JAX_CACHE_DIR", str(tmp_path))  # nothing built there
+  openblas_matmul.unavailable_reason.cache_clear()
+  try:
+    with pytest.raises(ValueError, match=r"MoeLayer\.buffer_matmul='openblas'.*no-such-compiler"):
+      _layer(dispatch="gather", buffer_matmul="openblas")
+    assert dispatch_lib.default_buffer_matmul("gather") == "xla"
+  finally:
+    monkeypatch.undo()
+    openblas_matmul.unavailable_reason.cache_clear()
 
 
 # --- gather combine: empty slots add nothing ---------------------------------------------------

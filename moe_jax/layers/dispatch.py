@@ -66,8 +66,8 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -236,9 +236,10 @@ class FilledSlots:
   """Capacity buffers x_EGCD whose experts run over the FILLED slots only (`matmul`).
 
   extent_EG: [E, G] int32, one past the last filled slot of expert e's buffer in group g (0
-  for none). Slots are filled in order, so every slot past the extent is empty (zeros in x),
-  and its output is set to zeros, which is what the FFN gives an all-zero row (no biases, and
-  every activation maps 0 to 0). The "openblas" buffer matmul (CPU, one device).
+  for none; routers fill slots in order, so this is the fill count). Every slot past it is
+  empty (zeros in x), and its output is set to zeros, which is what the FFN gives an all-zero
+  row (no biases, and every activation maps 0 to 0). The "openblas" buffer matmul (CPU, one
+  device).
   """
   extent_EG: jax.Array
 

@@ -46,7 +46,8 @@ class ExpertMlp(nn.Module):
   With `rows` (the dropless dispatch's `SortedRows`) the input is x_RD, tokens sorted by expert,
   and every projection is a grouped matmul; with `rows` a `FilledSlots` the buffers' filled
   slots alone are computed (empty ones get zeros): the same params and FFN math, so
-  checkpoints move between backends. `intermediate_dropout_rate` is the expert dropout (Switch fine-tuning: 0.4).
+  checkpoints move between backends. `intermediate_dropout_rate` is the expert dropout
+  (Switch fine-tuning: 0.4).
   """
   intermediate_dim: int = 2048
   activations: Sequence[str] = ("relu",)

@@ -105,9 +105,9 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buf
     work->rows.push_back(std::clamp<int64_t>(sizes.typed_data()[s], 0, room));
     end = start + work->rows.back();
   }
-  auto chunk_rows = [&](int64_t expert, int64_t begin, int64_t end, int64_t step, bool zeros) {
-    for (int64_t row = begin; row < end; row += step)
-      work->chunks.push_back({expert, row, std::min(step, end - row), zeros});
+  auto chunk_rows = [&](int64_t expert, int64_t begin, int64_t stop, int64_t step, bool zeros) {
+    for (int64_t row = begin; row < stop; row += step)
+      work->chunks.push_back({expert, row, std::min(step, stop - row), zeros});
   };
   if (mode == 2) {
     const int64_t step = std::max<int64_t>(1, kChunkElements / out_dim);

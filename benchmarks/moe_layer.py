@@ -164,6 +164,16 @@ def all_backends() -> list[str]:
   return names + [dropless] if dropless and dropless not in names else names
 
 
+def kernel_fields(name: str, args) -> dict:
+  """The experts' kernel a record's backend ran: `grouped_matmul` (dropless) and
+  `buffer_matmul` (einsum, gather), each None where it does not apply."""
+  return dict(
+      grouped_matmul=((args.grouped_matmul or dispatch_lib.default_grouped_matmul())
+                      if name == dispatch_lib.DROPLESS else None),
+      buffer_matmul=((args.buffer_matmul or dispatch_lib.default_buffer_matmul(name))
+                     if name in dispatch_lib.BACKENDS else None))
+
+
 def fraction_dropped(layer, params, x_BLD, rng) -> float:
   _, state = jax.jit(lambda p, x: layer.apply(
       {"params": p}, x, deterministic=False, rngs={"routing": rng}, mutable=[MOE_STATS]))(
@@ -234,10 +244,7 @@ def run_case(num_experts, k, dense, args, backends, dtype, bandwidth, inputs):
         base, backend=name, dense_intermediate_dim=args.d_ff * k,
         capacity_factor=args.capacity_factor, dtype=args.dtype, repeats=args.repeats,
         calls_per_repeat=args.calls,
-        grouped_matmul=((args.grouped_matmul or dispatch_lib.default_grouped_matmul())
-                        if name == dispatch_lib.DROPLESS else None),
-        buffer_matmul=((args.buffer_matmul or dispatch_lib.default_buffer_matmul(name))
-                       if name in dispatch_lib.BACKENDS else None),
+        **kernel_fields(name, args),
         median_s=median, min_s=float(np.min(times[name])), dense_median_s=dense_median,
         ratio_to_dense=median / dense_median, floor_bytes=floor_bytes,
         floor_s=floor_bytes / bandwidth, floor_frac=floor_bytes / bandwidth / median,

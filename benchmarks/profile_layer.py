@@ -270,8 +270,6 @@ def main():
 
   meta = dict(num_experts=args.experts, k=args.k, tokens=args.tokens, d_model=args.d_model,
               d_ff=args.d_ff, capacity_factor=args.capacity_factor, dtype=args.dtype,
-              grouped_matmul=args.grouped_matmul or dispatch_lib.default_grouped_matmul(),
-              buffer_matmul=args.buffer_matmul or dispatch_lib.default_buffer_matmul("gather"),
               steps=args.steps, platform=device.platform,
               device=str(device.device_kind), host=platform.platform(),
               jax_version=jax.__version__, glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
@@ -291,7 +289,8 @@ def main():
         continue
       parts = print_profile(name, wall_s, busy_s, times, table, args.top)
       records.append(dict(
-          meta, backend=name, compile_s=compile_s, wall_s=wall_s, op_s=sum(times.values()),
+          meta, backend=name, **bench.kernel_fields(name, args), compile_s=compile_s,
+          wall_s=wall_s, op_s=sum(times.values()),
           busy_s=busy_s, parts_s=parts, top_ops=top_ops(times, table, args.top)))
       with open(args.json, "w") as f:  # after every layer: a run cut short keeps its records
         json.dump(records, f, indent=1)

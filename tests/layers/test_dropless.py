@@ -294,15 +294,17 @@ def test_openblas_splits_large_experts_into_chunks():
     # 4 experts x 2 segments of 6 rows: full, partial, empty, over-full (clipped to 6); expert
     # 3 has no rows (dW 0); 5 rows past the last segment.
     ([6, 2, 0, 9, 3, 0, 0, 0], 6, 5, 7, 5),
-    # Segments of 300 and 257 rows (chunks of 256 rows) and dW in chunks of 262 rows of I.
+    # 2 experts x 2 segments: 300 and 257 rows (chunks of 256 rows), dW in chunks of 262 rows
+    # of I.
     ([300, 257, 10, 0], 300, 0, 300, 1000),
 ])
 def test_openblas_strided_segments_by_hand(sizes, stride, extra_rows, in_dim, out_dim):
-  """Capacity buffers (stride > 0): segment s starts at row s * stride and only its first
-  sizes[s] rows are multiplied (expert s // n); every other row, whatever it holds, is ignored
-  and gets zeros; dW sums an expert's segments."""
+  """Capacity buffers (stride > 0), 2 segments per expert: segment s starts at row s * stride
+  and only its first sizes[s] rows are multiplied (expert s // 2); every other row, whatever
+  it holds, is ignored and gets zeros; dW sums an expert's segments."""
   rng = np.random.RandomState(11)
-  num_experts, per_expert = 4 if len(sizes) == 8 else 2, 2
+  per_expert = 2
+  num_experts = len(sizes) // per_expert
   num_rows = len(sizes) * stride + extra_rows
   x, dy = rng.normal(0, 1, (num_rows, in_dim)), rng.normal(0, 1, (num_rows, out_dim))
   w = rng.normal(0, 1, (num_experts, in_dim, out_dim))

@@ -323,6 +323,21 @@ def test_openblas_strided_segments_by_hand(sizes, stride, extra_rows, in_dim, ou
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
 
 
+@NEEDS_COMPILER
+def test_openblas_multiplies_bfloat16_in_float32():
+  """bfloat16 rows and kernels are multiplied in float32 and only the result is rounded: the
+  same bits as the float32 product of the same values, cast."""
+  rng = np.random.RandomState(12)
+  x = jnp.asarray(rng.normal(0, 1, (12, 64)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(0, 1, (2, 64, 8)), jnp.bfloat16)
+  sizes = np.asarray([5, 7], np.int32)
+  y = openblas_matmul.grouped_matmul(x, w, sizes)
+  want = openblas_matmul.grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(want.astype(jnp.bfloat16), np.float32))
+
+
 def test_openblas_segments_must_be_a_multiple_of_the_experts():
   with pytest.raises(ValueError, match="3 segment sizes are not a multiple of the 2 experts"):
     openblas_matmul.grouped_matmul(jnp.zeros((6, 4)), jnp.zeros((2, 4, 5)),

@@ -4,11 +4,14 @@ XLA:CPU has no grouped matmul, and its own ops cannot multiply a dynamic row ran
 copies, masks or zero-fills (the "windows" kernel of `moe_jax.layers.dispatch` pays those). This
 kernel is an XLA FFI custom call (`openblas_matmul.cc`) that calls single-threaded sgemm of
 scipy-openblas64 (a dependency) on each expert's exact rows, split into chunks run by XLA's
-intra-op thread pool, for the forward, dx and dW. It is compiled on first use with the C++
-compiler `$CXX` (default g++) against jaxlib's FFI headers into a cache directory
-(`$MOE_JAX_CACHE_DIR`, default ~/.cache/moe_jax), keyed by its source, the command and jaxlib's
-version; `unavailable_reason()` says why it cannot be used (no compiler, a failed build, not
-CPU), and the dispatch then defaults to "windows". float32 inside: other dtypes are cast.
+intra-op thread pool, for the forward, dx and dW. Its rows come in segments: back to back for
+dropless's sorted rows (`dispatch.SortedRows`), at a stride for gather's capacity buffers, of
+which only the filled slots are multiplied (`dispatch.FilledSlots`). It is compiled on first
+use with the C++ compiler `$CXX` (default g++) against jaxlib's FFI headers into a cache
+directory (`$MOE_JAX_CACHE_DIR`, default ~/.cache/moe_jax), keyed by its source, the command
+and jaxlib's version; `unavailable_reason()` says why it cannot be used (no compiler, a failed
+build, not CPU), and the defaults then fall back to "windows" (dropless) and "xla" (gather).
+float32 inside: other dtypes are cast.
 First-order gradients only (the custom call has no derivative of its own); under `jax.vmap` it
 runs once per mapped element.
 """

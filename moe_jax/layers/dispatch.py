@@ -128,13 +128,17 @@ BACKENDS = {
 BUFFER_MATMULS = ("xla", "openblas")
 
 
+def mesh_devices() -> int:
+  """Devices of the active mesh (`jax.set_mesh`); 1 without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else mesh.size
+
+
 def default_buffer_matmul(dispatch: str) -> str:
   """openblas for gather on one CPU device where it can be built; xla otherwise, and always
   for einsum (the reference). GSPMD cannot partition the custom call over a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  one_device = mesh.empty or mesh.size == 1
-  if (dispatch == "gather" and one_device and jax.default_backend() == "cpu"
-      and openblas_matmul.unavailable_reason() is None):
+  if (dispatch == "gather" and mesh_devices() == 1
+      and openblas_matmul.unavailable_reason() is None):  # None only on CPU
     return "openblas"
   return "xla"
 

@@ -52,9 +52,9 @@ def mesh_axes(logical: str) -> tuple[str, ...]:
 
 def plan(num_experts: int) -> Optional[Plan]:
   """The active mesh + logical-axis rules' layout for dropless rows; None off a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if dispatch_lib.mesh_devices() == 1:
     return None
+  mesh = jax.sharding.get_abstract_mesh()
   row_axes = mesh_axes("batch")
   if not row_axes:
     return None

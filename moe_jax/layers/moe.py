@@ -140,16 +140,13 @@ class MoeLayer(nn.Module):
       raise ValueError(f"MoeLayer.dispatch='dropless' needs a tokens-choose router (Switch, "
                        f"top-k, noisy, ...): {type(self.router).__name__} fills expert buffers "
                        f"of a fixed capacity by construction and has no dropless form")
-    if self.grouped_matmul not in (None, *dispatch_lib.GROUPED_MATMULS):
-      raise ValueError(f"MoeLayer.grouped_matmul must be None or one of "
-                       f"{dispatch_lib.GROUPED_MATMULS}, got {self.grouped_matmul!r}")
-    if self.grouped_matmul == "openblas" and (why := openblas_matmul.unavailable_reason()):
-      raise ValueError(f"MoeLayer.grouped_matmul='openblas' is unavailable here: {why}")
-    if self.buffer_matmul not in (None, *dispatch_lib.BUFFER_MATMULS):
-      raise ValueError(f"MoeLayer.buffer_matmul must be None or one of "
-                       f"{dispatch_lib.BUFFER_MATMULS}, got {self.buffer_matmul!r}")
-    if self.buffer_matmul == "openblas" and (why := openblas_matmul.unavailable_reason()):
-      raise ValueError(f"MoeLayer.buffer_matmul='openblas' is unavailable here: {why}")
+    for name, kernels in (("grouped_matmul", dispatch_lib.GROUPED_MATMULS),
+                          ("buffer_matmul", dispatch_lib.BUFFER_MATMULS)):
+      kernel = getattr(self, name)
+      if kernel not in (None, *kernels):
+        raise ValueError(f"MoeLayer.{name} must be None or one of {kernels}, got {kernel!r}")
+      if kernel == "openblas" and (why := openblas_matmul.unavailable_reason()):
+        raise ValueError(f"MoeLayer.{name}='openblas' is unavailable here: {why}")
     if self.dropless_block_size is not None and self.dropless_block_size < 1:
       raise ValueError(f"MoeLayer.dropless_block_size must be >= 1 or None, got "
                        f"{self.dropless_block_size}")
@@ -231,10 +228,9 @@ class MoeLayer(nn.Module):
                                     if isinstance(self.expert, ExpertMlp) else "xla")
     if kernel == "xla":
       return self.expert(x_EGCD, deterministic=deterministic)
-    mesh = jax.sharding.get_abstract_mesh()
-    if not (mesh.empty or mesh.size == 1):
+    if (devices := dispatch_lib.mesh_devices()) > 1:
       raise ValueError(f"MoeLayer.buffer_matmul='openblas' runs on one device, but the mesh "
-                       f"has {mesh.size} (GSPMD cannot partition the custom call): use 'xla'")
+                       f"has {devices} (GSPMD cannot partition the custom call): use 'xla'")
     return self.expert(x_EGCD, deterministic=deterministic,
                        rows=dispatch_lib.filled_slots(routes))
 

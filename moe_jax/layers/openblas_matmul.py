@@ -76,8 +76,8 @@ def unavailable_reason() -> str | None:
   try:
     library = ctypes.CDLL(str(_build()))
   except (RuntimeError, OSError, ImportError) as e:
-    logging.warning("moe_jax: the 'openblas' grouped matmul is unavailable (%s); dropless "
-                    "layers use 'windows' on CPU", e)
+    logging.warning("moe_jax: the 'openblas' grouped matmul is unavailable (%s); on CPU "
+                    "dropless layers use 'windows' and gather layers 'xla'", e)
     return str(e)
   _register(library)
   return None

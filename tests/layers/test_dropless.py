@@ -14,7 +14,7 @@ import pytest
 from moe_jax.layers import dispatch as dispatch_lib
 from moe_jax.layers import moe, noisy_routing, openblas_matmul, routing
 from moe_jax.layers.experts import ExpertMlp
-from tests.layers.compiler import HAS_COMPILER, NEEDS_COMPILER, OPENBLAS
+from tests.layers.compiler import HAS_COMPILER, NEEDS_COMPILER, OPENBLAS, without_compiler
 
 E, D, F, B, L = 4, 8, 16, 2, 16
 S = L
@@ -267,6 +267,23 @@ def test_openblas_under_vmap_is_each_element_alone():
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
+def _check_openblas_segments(x, w, dy, sizes, stride, segments):
+  """The kernel's y, dx and dW against float64 numpy: rows [start, start + n) of each
+  (expert, start, n) in `segments` times the expert's kernel, every other row 0."""
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  y, vjp = jax.vjp(lambda x, w: openblas_matmul.grouped_matmul(x, w, sizes, stride=stride),
+                   f32(x), f32(w))
+  dx, dw = vjp(f32(dy))
+  want_y, want_dx = np.zeros((x.shape[0], w.shape[-1])), np.zeros(x.shape)
+  want_dw = np.zeros(w.shape)
+  for e, start, n in segments:
+    rows = slice(start, start + n)
+    want_y[rows], want_dx[rows] = x[rows] @ w[e], dy[rows] @ w[e].T
+    want_dw[e] += x[rows].T @ dy[rows]
+  for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
 @NEEDS_COMPILER
 def test_openblas_splits_large_experts_into_chunks():
   """Experts of 300 and 257 rows (chunks of 256 rows: forward, dx) and a [300, 1000] weight
@@ -275,18 +292,8 @@ def test_openblas_splits_large_experts_into_chunks():
   sizes = np.asarray([0, 300, 257, 100, 0], np.int32)
   x, w = rng.normal(0, 1, (700, 300)), rng.normal(0, 1, (5, 300, 1000))
   dy = rng.normal(0, 1, (700, 1000))
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  y, vjp = jax.vjp(lambda x, w: openblas_matmul.grouped_matmul(x, w, sizes), f32(x), f32(w))
-  dx, dw = vjp(f32(dy))
-  want_y, want_dx, want_dw = np.zeros((700, 1000)), np.zeros((700, 300)), np.zeros(w.shape)
-  start = 0
-  for e, n in enumerate(sizes):
-    rows = slice(start, start + n)
-    want_y[rows], want_dx[rows] = x[rows] @ w[e], dy[rows] @ w[e].T
-    want_dw[e] = x[rows].T @ dy[rows]
-    start += n
-  for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+  starts = np.cumsum(sizes) - sizes
+  _check_openblas_segments(x, w, dy, sizes, 0, [(e, starts[e], n) for e, n in enumerate(sizes)])
 
 
 @NEEDS_COMPILER
@@ -308,19 +315,8 @@ def test_openblas_strided_segments_by_hand(sizes, stride, extra_rows, in_dim, ou
   num_rows = len(sizes) * stride + extra_rows
   x, dy = rng.normal(0, 1, (num_rows, in_dim)), rng.normal(0, 1, (num_rows, out_dim))
   w = rng.normal(0, 1, (num_experts, in_dim, out_dim))
-  f32 = lambda a: jnp.asarray(a, jnp.float32)
-  sizes = np.asarray(sizes, np.int32)
-  y, vjp = jax.vjp(lambda x, w: openblas_matmul.grouped_matmul(x, w, sizes, stride=stride),
-                   f32(x), f32(w))
-  dx, dw = vjp(f32(dy))
-  want_y, want_dx = np.zeros((num_rows, out_dim)), np.zeros((num_rows, in_dim))
-  want_dw = np.zeros(w.shape)
-  for s, n in enumerate(np.minimum(sizes, stride)):
-    e, rows = s // per_expert, slice(s * stride, s * stride + n)
-    want_y[rows], want_dx[rows] = x[rows] @ w[e], dy[rows] @ w[e].T
-    want_dw[e] += x[rows].T @ dy[rows]
-  for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+  segments = [(s // per_expert, s * stride, min(n, stride)) for s, n in enumerate(sizes)]
+  _check_openblas_segments(x, w, dy, np.asarray(sizes, np.int32), stride, segments)
 
 
 @NEEDS_COMPILER
@@ -380,16 +376,10 @@ def test_bad_config_is_refused_by_name(kwargs, culprit):
 def test_openblas_unavailable_is_refused_by_name_and_not_the_default(monkeypatch, tmp_path):
   """Without a C++ compiler the openblas kernel cannot be built: asking for it names the layer
   field and the compiler; the CPU default falls back to windows."""
-  monkeypatch.setenv("CXX", "no-such-compiler++")
-  monkeypatch.setenv("MOE_JAX_CACHE_DIR", str(tmp_path))  # nothing built there
-  openblas_matmul.unavailable_reason.cache_clear()
-  try:
+  with without_compiler(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"MoeLayer\.grouped_matmul='openblas'.*no-such-compiler"):
       _layer(router=routing.SwitchRouter(), dispatch="dropless", grouped_matmul="openblas")
     assert dispatch_lib.default_grouped_matmul() == "windows"
-  finally:
-    monkeypatch.undo()
-    openblas_matmul.unavailable_reason.cache_clear()
   assert dispatch_lib.default_grouped_matmul() == ("openblas" if HAS_COMPILER else "windows")
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from moe_jax.layers import dispatch as dispatch_lib
-from moe_jax.layers import moe, openblas_matmul, routing
+from moe_jax.layers import moe, routing
 from moe_jax.layers.experts import ExpertMlp
 from moe_jax.train import partitioning
-from tests.layers.compiler import HAS_COMPILER, NEEDS_COMPILER, OPENBLAS
+from tests.layers.compiler import HAS_COMPILER, NEEDS_COMPILER, OPENBLAS, without_compiler
 
 E, D, F, B, L = 4, 8, 16, 2, 16
 S = L  # max_group_size = L: one group per sequence
@@ -443,16 +443,10 @@ def test_buffer_matmul_default_and_refusals(monkeypatch, tmp_path):
       layer = _layer(dispatch="gather", buffer_matmul="openblas", max_group_size=4)
       with pytest.raises(ValueError, match=r"MoeLayer\.buffer_matmul='openblas'.*8"):
         jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((8, 4, D)))
-  monkeypatch.setenv("CXX", "no-such-compiler++")
-  monkeypatch.setenv("MOE_JAX_CACHE_DIR", str(tmp_path))  # nothing built there
-  openblas_matmul.unavailable_reason.cache_clear()
-  try:
+  with without_compiler(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"MoeLayer\.buffer_matmul='openblas'.*no-such-compiler"):
       _layer(dispatch="gather", buffer_matmul="openblas")
     assert dispatch_lib.default_buffer_matmul("gather") == "xla"
-  finally:
-    monkeypatch.undo()
-    openblas_matmul.unavailable_reason.cache_clear()
 
 
 # --- gather combine: empty slots add nothing ---------------------------------------------------
